@@ -1,0 +1,74 @@
+"""Backend options: parsing, validation and the frozen config the pass and cache key use."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+FAMILIES = ("qk_norm_rope", "norm_scale_shift", "rms_norm", "scale_shift")
+OPTIONAL_PATTERNS = ("linear_gelu",)
+LOWERING_NAMES = ("auto", "reference", "cuda", "rocm", "npu", "musa", "inductor")
+DIFFFUSE_KEYS = ("lowering", "patterns", "inductor")
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+    lowering: str = "auto"
+    patterns: tuple[str, ...] = FAMILIES
+    inductor: bool = True
+    inductor_options: tuple[tuple[str, Any], ...] = ()
+    disabled: bool = False
+
+    def key(self) -> str:
+        return f"lowering={self.lowering};patterns={','.join(self.patterns)};inductor={self.inductor}"
+
+
+def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> FusionConfig:
+    """Validate `torch.compile(..., options=...)` for the difffuse backend.
+
+    difffuse keys: lowering, patterns, inductor. Any other key must be an Inductor
+    config option and passes through to Inductor; anything else is an error that
+    names the valid keys. `DIFFFUSE_LOWERING` overrides `lowering`;
+    `DIFFFUSE_DISABLE=1` turns the backend into plain Inductor.
+    """
+    from torch._inductor import config as inductor_config
+
+    options = dict(options or {})
+    lowering = options.pop("lowering", "auto")
+    patterns = options.pop("patterns", FAMILIES)
+    run_inductor = options.pop("inductor", True)
+    valid_inductor = set(inductor_config.get_config_copy().keys())
+    unknown = sorted(k for k in options if k not in valid_inductor)
+    if unknown:
+        raise ValueError(
+            f"difffuse: unknown option(s) {unknown}. Valid difffuse options: {list(DIFFFUSE_KEYS)}; "
+            "any other key must be an Inductor config option (torch._inductor.config)."
+        )
+    env_lowering = os.environ.get("DIFFFUSE_LOWERING")
+    if env_lowering:
+        lowering = env_lowering
+    if lowering not in LOWERING_NAMES:
+        raise ValueError(f"difffuse: unknown lowering {lowering!r}; valid: {list(LOWERING_NAMES)}")
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    valid_patterns = FAMILIES + OPTIONAL_PATTERNS
+    bad = [p for p in patterns if p not in valid_patterns]
+    if bad:
+        raise ValueError(f"difffuse: unknown pattern(s) {bad}; valid: {list(valid_patterns)}")
+    if not isinstance(run_inductor, bool):
+        raise ValueError(f"difffuse: option 'inductor' must be True or False, got {run_inductor!r}")
+    if mode not in (None, "default"):
+        options.update(_mode_options(mode))
+    return FusionConfig(
+        lowering=lowering,
+        patterns=tuple(p for p in valid_patterns if p in patterns),
+        inductor=run_inductor,
+        inductor_options=tuple(sorted(options.items())),
+        disabled=os.environ.get("DIFFFUSE_DISABLE", "") not in ("", "0"),
+    )
+
+
+def _mode_options(mode: str) -> dict[str, Any]:
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))

@@ -1,0 +1,134 @@
+"""The one post-grad pass: apply each enabled family's patterns with the chosen lowering,
+record matches and misses, and restore the graph if anything fails.
+
+Installed through Inductor's `post_grad_custom_post_pass`; its `uuid()` hashes the
+pattern/lowering/pass sources and the frozen config, so Inductor's FX-graph cache is
+keyed by exactly what shapes the rewrite.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import pathlib
+from typing import Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from .. import __version__
+from ..lowering import load_lowering
+from ..patterns import available_families
+from ..patterns.common import PassContext, source_of
+from .config import FusionConfig
+from .device import detect_device
+from .report import GraphRecord, Miss, add_record, save_record
+
+log = logging.getLogger("difffuse")
+_PKG = pathlib.Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(None)
+def source_hash() -> str:
+    """sha256 over the pass, pattern and lowering sources and the versions."""
+    h = hashlib.sha256(f"{__version__};{torch.__version__}".encode())
+    for sub in ("fusion_pass", "patterns", "lowering"):
+        for path in sorted((_PKG / sub).rglob("*.py")):
+            h.update(str(path.relative_to(_PKG)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+_CTX: list[PassContext] = []
+
+
+def _current() -> PassContext:
+    return _CTX[-1]
+
+
+@functools.lru_cache(None)
+def _family_pass(name: str):
+    return available_families()[name].build_pass(_current)
+
+
+def snapshot(graph: torch.fx.Graph) -> torch.fx.Graph:
+    snap = torch.fx.Graph()
+    out = snap.graph_copy(graph, {})
+    snap.output(out)
+    return snap
+
+
+def restore(graph: torch.fx.Graph, snap: torch.fx.Graph) -> None:
+    """Put `snap`'s nodes back into `graph`, keeping graph's placeholders."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    others = [n for n in graph.nodes if n.op != "placeholder"]
+    for n in others:
+        n.args, n.kwargs = (), {}
+    for n in reversed(others):
+        graph.erase_node(n)
+    env = dict(zip([n for n in snap.nodes if n.op == "placeholder"], placeholders))
+    for n in snap.nodes:
+        if n.op != "placeholder":
+            env[n] = graph.node_copy(n, lambda a: env[a])
+
+
+class DifffusePass(CustomGraphPass):
+    """Rewrite a post-grad graph's fusible subgraphs into `difffuse::*` ops."""
+
+    def __init__(self, cfg: FusionConfig, graph_name: str = "graph", record_key: Optional[str] = None):
+        self.cfg = cfg
+        self.graph_name = graph_name
+        self.record_key = record_key
+        self.ran = False
+        self.fail_for_test: Optional[str] = None  # a family name whose pass raises (tests)
+
+    def uuid(self) -> str:
+        return hashlib.sha256(f"{source_hash()};{self.cfg.key()}".encode()).hexdigest()
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.ran = True
+        lowering = detect_device(graph) if self.cfg.lowering == "auto" else self.cfg.lowering
+        name, module = load_lowering(lowering)
+        rec = GraphRecord(graph=self.graph_name, lowering=name)
+        if name != lowering:
+            rec.notes.append(f"{lowering} lowering unavailable: fell back to {name}")
+        if module is None:
+            rec.notes.append(f"{name}: no rewrite, plain Inductor")
+        else:
+            self._apply(graph, name, module, rec)
+        add_record(rec)
+        if self.record_key:
+            save_record(self.record_key, rec)
+
+    def _apply(self, graph, name, module, rec: GraphRecord) -> None:
+        snap = snapshot(graph)
+        families = available_families()
+        ctx = PassContext(name, module, rec)
+        _CTX.append(ctx)
+        family = "?"
+        try:
+            for family in self.cfg.patterns:
+                if family not in families:
+                    continue
+                if self.fail_for_test == family:
+                    raise RuntimeError(f"injected failure in {family}")
+                _family_pass(family).apply(graph)
+            graph.eliminate_dead_code()
+            graph.lint()
+        except Exception as exc:  # never break a user's compile
+            restore(graph, snap)
+            rec.matches.clear()
+            rec.variants.clear()
+            msg = f"pass failed in {family}: {type(exc).__name__}: {exc}; graph left to plain Inductor"
+            rec.notes.append(msg)
+            log.warning("difffuse: %s", msg)
+            return
+        finally:
+            _CTX.pop()
+        for family in self.cfg.patterns:
+            fam = families.get(family)
+            if fam is None:
+                continue
+            for node in fam.anchors(graph):
+                reason = ctx.rejected.get(node, "no pattern variant matched this spelling")
+                rec.misses.append(Miss(family, reason, source_of(node)))

@@ -1,0 +1,46 @@
+"""The device table: which lowering implements each family (data, not if-chains).
+
+A lowering module exposes ``IMPLS`` (family -> callable with the reference op's
+signature) and ``supports(family, site) -> None | reason`` — the one eligibility
+predicate that the pattern check, the lowering and the tests share.
+``"inductor"`` and ``"musa"`` map to no lowering: no rewrite, plain Inductor.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+from typing import Optional
+
+log = logging.getLogger("difffuse")
+
+# lowering name -> (module, package it needs, fallback lowering if that package is missing)
+DEVICE_TABLE: dict[str, Optional[tuple[str, Optional[str], Optional[str]]]] = {
+    "reference": ("difffuse.lowering.reference", None, None),
+    "cuda": ("difffuse.lowering.cuda", "triton", "inductor"),
+    "rocm": ("difffuse.lowering.rocm", "aiter", "inductor"),
+    "npu": ("difffuse.lowering.npu", "sgl_kernel_npu", "inductor"),
+    "musa": None,
+    "inductor": None,
+}
+
+_warned: set[str] = set()
+
+
+def load_lowering(name: str) -> tuple[str, Optional[ModuleType]]:
+    """Return (effective name, module) for a lowering; None module = plain Inductor.
+    A lowering whose module or vendor package fails to import falls back, with one WARNING."""
+    entry = DEVICE_TABLE[name]
+    if entry is None:
+        return name, None
+    module_name, package, fallback = entry
+    try:
+        return name, importlib.import_module(module_name)
+    except ImportError as exc:
+        if name not in _warned:
+            _warned.add(name)
+            log.warning("difffuse: lowering %r needs %s (%s); falling back to %s",
+                        name, package or module_name, exc, fallback)
+        if fallback is None:
+            raise
+        return load_lowering(fallback)

@@ -1,0 +1,202 @@
+"""The `difffuse::*` custom ops: schema, fake (meta) implementation and reference math.
+
+Each op is the contract every device lowering implements with the same signature.
+The reference implementation is pure PyTorch, computes in fp32 and returns
+``out_dtype``; it is the numerics oracle for the tests and the ``"reference"``
+lowering. Fake implementations only compute shapes, so they work with symbolic
+shapes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LIB = "difffuse"
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+# ---------------------------------------------------------------- rms_norm
+def rms_norm_ref(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
+    """y = x * rsqrt(mean(x**2, -1, keepdim) + eps) [* weight], in fp32, cast to out_dtype."""
+    xf = _f32(x)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * _f32(weight)
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op(f"{LIB}::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
+    return rms_norm_ref(x, weight, eps, out_dtype)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps, out_dtype):
+    shape = torch.broadcast_shapes(x.shape, weight.shape) if weight is not None else x.shape
+    return x.new_empty(shape, dtype=out_dtype)
+
+
+# ---------------------------------------------------------------- scale_shift
+def scale_shift_ref(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype) -> Tensor:
+    """out = c + a * (k + b) (c optional), broadcasting b and c against a, in fp32."""
+    y = _f32(a) * (_f32(b) + k)
+    if c is not None:
+        y = _f32(c) + y
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op(f"{LIB}::scale_shift", mutates_args=())
+def scale_shift(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype) -> Tensor:
+    return scale_shift_ref(a, b, c, k, out_dtype)
+
+
+@scale_shift.register_fake
+def _(a, b, c, k, out_dtype):
+    shapes = [a.shape, b.shape] + ([c.shape] if c is not None else [])
+    return a.new_empty(torch.broadcast_shapes(*shapes), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------- norm_scale_shift
+def norm_scale_shift_ref(
+    x: Tensor,
+    residual: Optional[Tensor],
+    gate: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    eps: float,
+    k: float,
+    is_rms: bool,
+    residual_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """r = residual + x * gate (rounded to residual_dtype); n = norm(r) over the last dim
+    (LayerNorm, or RMSNorm if is_rms) [* weight] [+ bias];
+    out = n * (k + scale) + shift. Returns (out as out_dtype, r)."""
+    if residual is None:
+        r = x.to(residual_dtype)
+    else:
+        xs = _f32(x) if gate is None else _f32(x) * _f32(gate)
+        r = (_f32(residual) + xs).to(residual_dtype)
+    rf = _f32(r)
+    if is_rms:
+        n = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        var, mean = torch.var_mean(rf, dim=-1, correction=0, keepdim=True)
+        n = (rf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        n = n * _f32(weight)
+    if bias is not None:
+        n = n + _f32(bias)
+    if scale is not None:
+        n = n * (_f32(scale) + k)
+    if shift is not None:
+        n = n + _f32(shift)
+    return n.to(out_dtype), r
+
+
+@torch.library.custom_op(f"{LIB}::norm_scale_shift", mutates_args=())
+def norm_scale_shift(
+    x: Tensor,
+    residual: Optional[Tensor],
+    gate: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    eps: float,
+    k: float,
+    is_rms: bool,
+    residual_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    return norm_scale_shift_ref(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms,
+                                residual_dtype, out_dtype)
+
+
+@norm_scale_shift.register_fake
+def _(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, residual_dtype, out_dtype):
+    r_shape = x.shape
+    for t in (residual, gate):
+        if t is not None:
+            r_shape = torch.broadcast_shapes(r_shape, t.shape)
+    o_shape = r_shape
+    for t in (weight, bias, scale, shift):
+        if t is not None:
+            o_shape = torch.broadcast_shapes(o_shape, t.shape)
+    return x.new_empty(o_shape, dtype=out_dtype), x.new_empty(r_shape, dtype=residual_dtype)
+
+
+# ---------------------------------------------------------------- qk_norm_rope
+def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """Rotary embedding on the last dim of x (fp32 math). cos/sin broadcast against x and
+    hold one value per output element (the model's full-width tables):
+    interleaved pairs (2i, 2i+1):  out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1]
+                                   out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i]
+    neox halves: out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)."""
+    xf, c, s = _f32(x), _f32(cos), _f32(sin)
+    if interleaved:
+        x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+        c0, s1 = c[..., 0::2], s[..., 1::2]
+        return torch.stack([x1 * c0 - x2 * s1, x1 * s1 + x2 * c0], dim=-1).flatten(-2)
+    x1, x2 = xf.chunk(2, dim=-1)
+    return xf * c + torch.cat([-x2, x1], dim=-1) * s
+
+
+def qk_norm_rope_ref(
+    x: Tensor,
+    weight: Optional[Tensor],
+    cos: Tensor,
+    sin: Tensor,
+    eps: float,
+    num_heads: int,
+    across_heads: bool,
+    interleaved: bool,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """y = rope(rms_norm(x, weight, eps)). Across heads: x is [..., H*D], normalised over
+    H*D, then viewed [..., H, D]; per head: x is [..., H, D], normalised over D.
+    Returns [..., H, D] in out_dtype; cos/sin broadcast against [..., H, D]."""
+    if across_heads:
+        n = rms_norm_ref(x, weight, eps, torch.float32).unflatten(-1, (num_heads, -1))
+    else:
+        n = rms_norm_ref(x, weight, eps, torch.float32)
+    return rope_ref(n, cos, sin, interleaved).to(out_dtype)
+
+
+@torch.library.custom_op(f"{LIB}::qk_norm_rope", mutates_args=())
+def qk_norm_rope(
+    x: Tensor,
+    weight: Optional[Tensor],
+    cos: Tensor,
+    sin: Tensor,
+    eps: float,
+    num_heads: int,
+    across_heads: bool,
+    interleaved: bool,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    return qk_norm_rope_ref(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
+
+
+@qk_norm_rope.register_fake
+def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype):
+    if across_heads:
+        shape = (*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    else:
+        shape = tuple(x.shape)
+    return x.new_empty(shape, dtype=out_dtype)
+
+
+REFERENCE = {
+    "rms_norm": torch.ops.difffuse.rms_norm.default,
+    "scale_shift": torch.ops.difffuse.scale_shift.default,
+    "norm_scale_shift": torch.ops.difffuse.norm_scale_shift.default,
+    "qk_norm_rope": torch.ops.difffuse.qk_norm_rope.default,
+}
