@@ -23,12 +23,14 @@ from .common import CONVERT, Family, Variant, aten, cast, is_last_dim_vector, is
 ADD_EPS = [aten.add.Scalar, aten.add.Tensor]
 
 
-def rms_core(x, square: str, reduce: str, order: str):
-    """The normalisation `x * rsqrt(mean(x²) + eps)`; `x` is a pattern used twice."""
+def rms_core(x, square: str, reduce: str, order: str, xs=None):
+    """The normalisation `x * rsqrt(mean(xs²) + eps)`; `xs` (default `x`) is what is
+    squared: diffusers squares `x.float()` but multiplies the uncast `x`."""
+    xs = x if xs is None else xs
     if square == "pow":
-        sq = CallFunction(aten.pow.Tensor_Scalar, x, KeywordArg("exponent"))
+        sq = CallFunction(aten.pow.Tensor_Scalar, xs, KeywordArg("exponent"))
     else:
-        sq = CallFunction(aten.mul.Tensor, x, x)
+        sq = CallFunction(aten.mul.Tensor, xs, xs)
     if reduce == "mean":
         red = CallFunction(aten.mean.dim, sq, KeywordArg("dims"), True)
     else:
@@ -55,7 +57,7 @@ def check_rms_core(match, x_node, upcast_node=None) -> dict | str:
         return f"sum divided by {kw['n']}, not by the reduced size {d}"
     if not is_number(kw["eps"]):
         return "eps is a tensor, not a constant"
-    return {"D": d, "eps": float(kw["eps"])}
+    return {"eps": float(kw["eps"]), "D": d}
 
 
 class RMSNormPattern(Family):
@@ -64,17 +66,26 @@ class RMSNormPattern(Family):
     def variants(self) -> list[Variant]:
         out = []
         for x_cast, square, reduce, order, tail in itertools.product(
-                (True, False), ("pow", "mul"), ("mean", "sum_div"), ("x_r", "r_x"),
+                ("both", "separate", "square", "none"), ("pow", "mul"), ("mean", "sum_div"), ("x_r", "r_x"),
                 ("cast_w_cast", "w_cast", "cast_w", "w", "cast", "none")):
-            x = cast(KeywordArg("x"), "x_dtype", users=2) if x_cast else KeywordArg("x")
-            p = rms_core(x, square, reduce, order)
+            # x_cast: where `x.float()` feeds in: one cast for both uses, one cast per use
+            # (two `.float()` calls are not CSE'd), only the square (diffusers), or nowhere
+            x = KeywordArg("x")
+            if x_cast == "both":
+                p = rms_core(cast(x, users=2), square, reduce, order)
+            elif x_cast == "separate":
+                p = rms_core(cast(x), square, reduce, order, xs=cast(x))
+            elif x_cast == "square":
+                p = rms_core(x, square, reduce, order, xs=cast(x))
+            else:
+                p = rms_core(x, square, reduce, order)
             if tail.startswith("cast_w"):
                 p = CallFunction(aten.mul.Tensor, cast(p), KeywordArg("w"))
             elif tail.startswith("w"):
                 p = CallFunction(aten.mul.Tensor, p, KeywordArg("w"))
             if tail.endswith("cast"):
                 p = cast(p)
-            name = "/".join(["cast_x" if x_cast else "x", square, reduce, order, tail])
+            name = "/".join([f"cast_{x_cast}", square, reduce, order, tail])
             out.append(Variant(name, p, {"x_cast": x_cast, "tail": tail}))
         return out
 
@@ -93,7 +104,7 @@ class RMSNormPattern(Family):
     def check(self, match, variant):
         x = match.kwargs["x"]
         upcast = next((n for n in match.nodes if n.target == CONVERT and n.args[0] is x), None)
-        site = check_rms_core(match, x, upcast if variant.info["x_cast"] else None)
+        site = check_rms_core(match, x, upcast if variant.info["x_cast"] != "none" else None)
         if isinstance(site, str):
             return site
         out = match.output_node()
@@ -109,15 +120,15 @@ class RMSNormPattern(Family):
             pre = inner.args[0]
             if val(pre).dtype != val(inner).dtype:
                 return "the cast before the weight multiply is not to the product's dtype"
-        site.update(x=x, w=w, out_dtype=ov.dtype, dtype=xv.dtype, shape=tuple(xv.shape))
+        site.update(x=x, weight=w, out_dtype=ov.dtype)
         return site
 
     def replace(self, match, variant, site, ctx):
         op, eps, out_dtype = ctx.impl(self.name), site["eps"], site["out_dtype"]
-        if site["w"] is None:
+        if site["weight"] is None:
             match.replace_by_example(lambda x: op(x, None, eps, out_dtype), [site["x"]])
         else:
-            match.replace_by_example(lambda x, w: op(x, w, eps, out_dtype), [site["x"], site["w"]])
+            match.replace_by_example(lambda x, w: op(x, w, eps, out_dtype), [site["x"], site["weight"]])
 
 
 FAMILY = RMSNormPattern()
