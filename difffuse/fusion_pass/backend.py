@@ -9,7 +9,10 @@ from typing import Any, Optional
 
 import torch
 
+from ..lowering import load_lowering
+from ..lowering import ops as _ops  # noqa: F401  (registers difffuse::* before any cached graph runs)
 from .config import parse_options
+from .device import detect_from_tensors
 from .pass_manager import DifffusePass, source_hash
 from .report import GraphRecord, add_record, load_record
 
@@ -51,6 +54,8 @@ def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
             "training graph (grad enabled): left to plain Inductor; difffuse rewrites inference graphs"]))
         return compile_fx(gm, example_inputs, config_patches=patches)
     key = _entry_key(gm, example_inputs, cfg)
+    # A cached compiled graph calls the lowering's ops without running the pass: load it now.
+    load_lowering(detect_from_tensors(example_inputs) if cfg.lowering == "auto" else cfg.lowering)
     fusion = DifffusePass(cfg, name, key)
     if not cfg.inductor:
         return _run_eager(gm, example_inputs, fusion)

@@ -15,13 +15,12 @@ def device_of_tensor_type(device_type: str) -> str:
 
 def detect_device(graph: torch.fx.Graph) -> str:
     """The lowering name for the first accelerator tensor among the graph's inputs."""
-    kinds = set()
-    for node in graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            kinds.add(val.device.type)
+    return detect_from_tensors(n.meta.get("val") for n in graph.nodes if n.op == "placeholder")
+
+
+def detect_from_tensors(values) -> str:
+    """The lowering name for a set of (example) tensors: an accelerator wins over cpu."""
+    kinds = {v.device.type for v in values if isinstance(v, torch.Tensor)}
     for kind in ("cuda", "npu", "musa"):
         if kind in kinds:
             return device_of_tensor_type(kind)
