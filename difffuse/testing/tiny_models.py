@@ -16,7 +16,14 @@ WAN_BASE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
 
 def to_dtype(model, dtype):
     """Cast like diffusers' from_pretrained(torch_dtype=...): `_keep_in_fp32_modules` stay fp32."""
-    model.to(dtype)
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # .to(dtype) warns about the keep-in-fp32 modules we restore below
+    try:
+        model.to(dtype)
+    finally:
+        dlogging.set_verbosity(level)
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     if dtype != torch.float32:
         for name, module in model.named_modules():
