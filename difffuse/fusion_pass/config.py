@@ -14,7 +14,7 @@ DIFFFUSE_KEYS = ("lowering", "patterns", "inductor")
 @dataclasses.dataclass(frozen=True)
 class FusionConfig:
     lowering: str = "auto"
-    patterns: tuple[str, ...] = FAMILIES
+    patterns: tuple[str, ...] = FAMILIES + OPTIONAL_PATTERNS
     inductor: bool = True
     inductor_options: tuple[tuple[str, Any], ...] = ()
     disabled: bool = False
@@ -35,7 +35,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
 
     options = dict(options or {})
     lowering = options.pop("lowering", "auto")
-    patterns = options.pop("patterns", FAMILIES)
+    patterns = options.pop("patterns", FAMILIES + OPTIONAL_PATTERNS)
     run_inductor = options.pop("inductor", True)
     valid_inductor = set(inductor_config.get_config_copy().keys())
     unknown = sorted(k for k in options if k not in valid_inductor)

@@ -80,7 +80,6 @@ class DifffusePass(CustomGraphPass):
         self.graph_name = graph_name
         self.record_key = record_key
         self.ran = False
-        self.fail_for_test: Optional[str] = None  # a family name whose pass raises (tests)
 
     def uuid(self) -> str:
         return hashlib.sha256(f"{source_hash()};{self.cfg.key()}".encode()).hexdigest()
@@ -100,6 +99,10 @@ class DifffusePass(CustomGraphPass):
         if self.record_key:
             save_record(self.record_key, rec)
 
+    def _families(self, families: dict, module) -> list[str]:
+        """Enabled families that have patterns and an implementation in this lowering."""
+        return [f for f in self.cfg.patterns if f in families and f in module.IMPLS]
+
     def _apply(self, graph, name, module, rec: GraphRecord) -> None:
         snap = snapshot(graph)
         families = available_families()
@@ -107,11 +110,7 @@ class DifffusePass(CustomGraphPass):
         _CTX.append(ctx)
         family = "?"
         try:
-            for family in self.cfg.patterns:
-                if family not in families:
-                    continue
-                if self.fail_for_test == family:
-                    raise RuntimeError(f"injected failure in {family}")
+            for family in self._families(families, module):
                 _family_pass(family).apply(graph)
             graph.eliminate_dead_code()
             graph.lint()
@@ -125,10 +124,7 @@ class DifffusePass(CustomGraphPass):
             return
         finally:
             _CTX.pop()
-        for family in self.cfg.patterns:
-            fam = families.get(family)
-            if fam is None:
-                continue
-            for node in fam.anchors(graph):
+        for family in self._families(families, module):
+            for node in families[family].anchors(graph):
                 reason = ctx.rejected.get(node, "no pattern variant matched this spelling")
                 rec.misses.append(Miss(family, reason, source_of(node)))

@@ -194,9 +194,81 @@ def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
     return x.new_empty(shape, dtype=out_dtype)
 
 
+# ---------------------------------------------------------------- linear_gelu
+def linear_gelu_ref(x: Tensor, weight: Tensor, bias: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """y = gelu_tanh(x @ weight.T + bias) for 2-D x, in fp32, cast to out_dtype.
+    (aten._addmm_activation(use_gelu=True) is this on CUDA but erf-GELU on CPU, so the
+    reference computes it itself.)"""
+    h = torch.addmm(_f32(bias), _f32(x), _f32(weight).t())
+    return torch.nn.functional.gelu(h, approximate="tanh").to(out_dtype)
+
+
+@torch.library.custom_op(f"{LIB}::linear_gelu", mutates_args=())
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return linear_gelu_ref(x, weight, bias, out_dtype)
+
+
+@linear_gelu.register_fake
+def _(x, weight, bias, out_dtype):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
 REFERENCE = {
     "rms_norm": torch.ops.difffuse.rms_norm.default,
     "scale_shift": torch.ops.difffuse.scale_shift.default,
     "norm_scale_shift": torch.ops.difffuse.norm_scale_shift.default,
     "qk_norm_rope": torch.ops.difffuse.qk_norm_rope.default,
+    "linear_gelu": torch.ops.difffuse.linear_gelu.default,
 }
+
+
+# ======================================================================================
+# Tensor-parallel RMSNorm (design §3.1): the two halves of an RMSNorm whose last dim is
+# sharded over a TP group, split around the all-reduce of the per-row mean of squares:
+#     var = variance(x_shard)                       # mean(x², -1, keepdim), fp32
+#     var = all_reduce(var, "avg", group)           # the model's own functional collective
+#     y   = rsqrt_mul(x_shard, var, w_shard, eps)   # x * rsqrt(var + eps) * w, -> out_dtype
+# Seed: sglang `tensor_parallel_rms_norm` (on NPU these are sgl_kernel_npu's
+# `fused_variance` / `fused_rsqrt_mul`). The collective itself is never inside an op.
+# ======================================================================================
+def variance_ref(x: Tensor) -> Tensor:
+    """mean(x**2, dim=-1, keepdim=True), computed and returned in fp32."""
+    return x.float().pow(2).mean(-1, keepdim=True)
+
+
+@torch.library.custom_op(f"{LIB}::variance", mutates_args=())
+def variance(x: Tensor) -> Tensor:
+    return variance_ref(x)
+
+
+@variance.register_fake
+def _(x):
+    return x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def rsqrt_mul_ref(x: Tensor, variance: Tensor, weight: Optional[Tensor], eps: float,
+                  out_dtype: torch.dtype) -> Tensor:
+    """y = x * rsqrt(variance + eps) [* weight] in fp32, cast to out_dtype; `variance`
+    broadcasts against x (shape [..., 1])."""
+    y = _f32(x) * torch.rsqrt(_f32(variance) + eps)
+    if weight is not None:
+        y = y * _f32(weight)
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op(f"{LIB}::rsqrt_mul", mutates_args=())
+def rsqrt_mul(x: Tensor, variance: Tensor, weight: Optional[Tensor], eps: float,
+              out_dtype: torch.dtype) -> Tensor:
+    return rsqrt_mul_ref(x, variance, weight, eps, out_dtype)
+
+
+@rsqrt_mul.register_fake
+def _(x, variance, weight, eps, out_dtype):
+    shape = torch.broadcast_shapes(x.shape, weight.shape) if weight is not None else x.shape
+    return x.new_empty(shape, dtype=out_dtype)
+
+
+REFERENCE.update({
+    "variance": torch.ops.difffuse.variance.default,
+    "rsqrt_mul": torch.ops.difffuse.rsqrt_mul.default,
+})

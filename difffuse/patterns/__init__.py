@@ -8,8 +8,9 @@ import importlib
 FAMILY_MODULES = {
     "qk_norm_rope": "difffuse.patterns.qk_norm_rope",
     "norm_scale_shift": "difffuse.patterns.norm_scale_shift",
-    "rms_norm": "difffuse.patterns.rms_norm",
+    "rms_norm": "difffuse.patterns.rms_norm_tp",  # rms_norm's table + the tensor-parallel variants
     "scale_shift": "difffuse.patterns.scale_shift",
+    "linear_gelu": "difffuse.patterns.linear_gelu",
 }
 
 

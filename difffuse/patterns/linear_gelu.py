@@ -1,0 +1,98 @@
+"""linear_gelu: a Linear followed by tanh-GELU (diffusers `gelu-approximate`, every Wan FFN).
+
+    h = view(addmm(b, x2d, permute(w, [1, 0])), shape) ─(convert fp32)?─┐
+    0.5·h · (1 + tanh(0.7978845608·(h + 0.044715·h·h·h)))  ─(convert)? ─┘
+      ==>  view(difffuse::linear_gelu(x2d, w, b, out_dtype), shape)
+
+On CUDA this lowers to `aten._addmm_activation(b, x2d, w.t(), use_gelu=True)`, cuBLASLt's
+tanh-GELU epilogue, so the wide activation is never written and re-read. That aten op is
+erf-GELU on CPU, so only lowerings that list `linear_gelu` in IMPLS take it; the reference
+op computes tanh-GELU itself. Not matched: erf-GELU, other constants, a pre-activation
+that has other users (it would have to be written anyway).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch._inductor.pattern_matcher import CallFunction, KeywordArg
+
+from .common import CONVERT, Family, Variant, aten, cast, val
+
+GELU_CONSTANTS = {"half": 0.5, "cubic": 0.044715, "sqrt_2_over_pi": math.sqrt(2 / math.pi), "one": 1}
+
+
+def gelu_tanh(h):
+    """The post-grad decomposition of F.gelu(h, approximate="tanh"); h is used 4 times."""
+    cube = CallFunction(aten.mul.Tensor, CallFunction(aten.mul.Tensor, h, h), h)
+    inner = CallFunction(aten.add.Tensor, h, CallFunction(aten.mul.Tensor, cube, KeywordArg("cubic")))
+    t = CallFunction(aten.tanh.default, CallFunction(aten.mul.Tensor, inner, KeywordArg("sqrt_2_over_pi")))
+    return CallFunction(aten.mul.Tensor, CallFunction(aten.mul.Tensor, h, KeywordArg("half")),
+                        CallFunction(aten.add.Tensor, t, KeywordArg("one")))
+
+
+class LinearGeluPattern(Family):
+    name = "linear_gelu"
+
+    def variants(self):
+        out = []
+        for h_cast in (True, False):
+            for out_cast in (True, False):
+                mm = CallFunction(aten.addmm.default, KeywordArg("bias"), KeywordArg("x"),
+                                  CallFunction(aten.permute.default, KeywordArg("weight"), [1, 0]))
+                users = 1 if h_cast else 4
+                h = CallFunction([aten.reshape.default, aten.view.default], mm, KeywordArg("shape"), _users=users)
+                g = gelu_tanh(cast(h, users=4) if h_cast else h)
+                p = cast(g) if out_cast else g
+                name = f"{'cast_h' if h_cast else 'h'}/{'cast_out' if out_cast else 'out'}"
+                out.append(Variant(name, p, {"h_cast": h_cast}))
+        return out
+
+    def anchor_of(self, match):
+        return next((n for n in match.nodes if n.target == aten.tanh.default), None)
+
+    def check(self, match, variant):
+        kw = match.kwargs
+        for key, want in GELU_CONSTANTS.items():
+            got = kw[key]
+            if not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-6):
+                return f"GELU constant {key} is {got}, not {want}"
+        x, w, b = val(kw["x"]), val(kw["weight"]), val(kw["bias"])
+        if any(not isinstance(t, torch.Tensor) for t in (x, w, b)) or w.ndim != 2 or x.ndim != 2:
+            return "not a 2-D Linear"
+        if b.ndim != 1:
+            return f"bias of shape {tuple(b.shape)} is not a vector"
+        if variant.info["h_cast"]:
+            cvt = next(n for n in match.nodes if n.target == CONVERT and n.args[1] == torch.float32
+                       and n.args[0].target in (aten.reshape.default, aten.view.default))
+            if val(cvt.args[0]).dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                return "unexpected pre-activation dtype"
+        out = val(match.output_node())
+        return {"x": kw["x"], "weight": kw["weight"], "bias": kw["bias"], "out_dtype": out.dtype,
+                "mm_dtype": x.dtype, "shape": kw["shape"]}
+
+    def anchors(self, graph):
+        # only a tanh whose input is the GELU polynomial: erf-GELU and plain tanh are not sites
+        # (of a Linear's output: GELU of anything else is not this family's site)
+        found = []
+        for n in graph.find_nodes(op="call_function", target=aten.tanh.default):
+            arg = n.args[0]
+            if not (isinstance(arg, torch.fx.Node) and arg.target == aten.mul.Tensor
+                    and isinstance(arg.args[1], float)
+                    and math.isclose(arg.args[1], GELU_CONSTANTS["sqrt_2_over_pi"])):
+                continue
+            h = arg.args[0].args[0] if isinstance(arg.args[0], torch.fx.Node) and arg.args[0].args else None
+            if isinstance(h, torch.fx.Node) and h.target == CONVERT:
+                h = h.args[0]
+            if isinstance(h, torch.fx.Node) and h.target in (aten.reshape.default, aten.view.default) and \
+                    getattr(h.args[0], "target", None) == aten.addmm.default:
+                found.append(n)
+        return found
+
+    def replace(self, match, variant, site, ctx):
+        op, out_dtype, shape = ctx.impl(self.name), site["out_dtype"], site["shape"]
+        match.replace_by_example(lambda x, w, b: op(x, w, b, out_dtype).reshape(shape),
+                                 [site["x"], site["weight"], site["bias"]])
+
+
+FAMILY = LinearGeluPattern()

@@ -1,0 +1,104 @@
+"""linear_gelu: Linear + tanh-GELU fuses into one op (tanh-GELU exactly); erf-GELU and
+other near-misses don't."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import assert_close, compile_and_run
+
+
+class FF(nn.Module):
+    def __init__(self, act, d=24, inner=40):
+        super().__init__()
+        self.up, self.down, self.act = nn.Linear(d, inner), nn.Linear(inner, d), act
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+def custom_tanh_gelu(c):
+    return lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + c * h * h * h)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tanh_gelu_fuses(dtype):
+    torch.manual_seed(0)
+    m = FF(lambda h: F.gelu(h, approximate="tanh")).to(dtype).eval()
+    x = torch.randn(3, 7, 24, dtype=dtype)
+    with torch.no_grad():
+        ref = m(x)
+    out, rep = compile_and_run(m, x)
+    assert rep.matches() == {"linear_gelu": 1}, rep.variants()
+    assert out.dtype == dtype
+    assert_close(out.float(), ref.float(), dtype)
+
+
+def test_diffusers_feedforward():
+    from diffusers.models.attention import FeedForward
+
+    m = nn.Sequential(FeedForward(24, inner_dim=32, activation_fn="gelu-approximate"),
+                      FeedForward(24, inner_dim=16, activation_fn="gelu-approximate")).eval()
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        ref = m(x)
+    out, rep = compile_and_run(m, x)
+    assert rep.matches() == {"linear_gelu": 2}
+    assert_close(out, ref)
+
+
+def test_handwritten_tanh_gelu_is_a_reported_miss():
+    """`0.5*h*(1+tanh(k*(h + c*h*h*h)))` multiplies in another order than F.gelu's
+    decomposition: not fused (yet), and the report says where."""
+    m = FF(custom_tanh_gelu(0.044715)).eval()
+    x = torch.randn(2, 5, 24)
+    out, rep = compile_and_run(m, x)
+    assert rep.matches() == {}
+    assert [mi.family for mi in rep.misses] == ["linear_gelu"] and "torch.tanh" in rep.misses[0].source
+    assert_close(out, m(x))
+
+
+NEAR_MISSES = {
+    "erf_gelu": F.gelu,
+    "other_constant": custom_tanh_gelu(0.05),
+    "tanh_only": torch.tanh,
+    "silu": F.silu,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
+def test_near_miss(name):
+    m = FF(NEAR_MISSES[name]).eval()
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        ref = m(x)
+    out, rep = compile_and_run(m, x)
+    assert rep.matches().get("linear_gelu", 0) == 0
+    assert_close(out, ref)
+
+
+def test_preactivation_with_other_users_is_not_fused():
+    class TwoUse(FF):
+        def forward(self, x):
+            h = self.up(x)
+            return self.down(F.gelu(h, approximate="tanh")), h
+
+    m = TwoUse(None).eval()
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        ref = m(x)
+    out, rep = compile_and_run(m, x)
+    assert rep.matches().get("linear_gelu", 0) == 0
+    assert len(rep.misses) == 1 and rep.misses[0].family == "linear_gelu"
+    assert_close(out[0], ref[0])
+
+
+def test_gelu_of_non_linear_is_no_site():
+    m = nn.Sequential(nn.Linear(8, 8)).eval()
+    fn = lambda x: F.gelu(m(x) * 2, approximate="tanh")  # noqa: E731
+    out, rep = compile_and_run(fn, torch.randn(2, 8))
+    assert rep.matches() == {} and rep.misses == []
