@@ -24,12 +24,13 @@ def expected(model: str, regional: bool, n: int) -> dict:
     LN -> *(1+c_scale)+c_shift) -> 3 norm_scale_shift. The FFN's gated residual is a
     scale_shift at a block boundary (regional compile); in a full-model compile it feeds
     the next block's norm1 (or norm_out) and fuses into that norm_scale_shift, and
-    norm_out with its modulation adds one norm_scale_shift.
+    norm_out with its modulation adds one norm_scale_shift. Every FFN (and, outside the
+    blocks, the text embedder's gelu_tanh projection) is a Linear + tanh-GELU.
     """
     rms = 3 if model == "wan-i2v-tiny" else 2
     if regional:
-        return {"qk_norm_rope": 2, "rms_norm": rms, "norm_scale_shift": 3, "scale_shift": 1}
-    return {"qk_norm_rope": 2 * n, "rms_norm": rms * n, "norm_scale_shift": 3 * n + 1}
+        return {"qk_norm_rope": 2, "rms_norm": rms, "norm_scale_shift": 3, "scale_shift": 1, "linear_gelu": 1}
+    return {"qk_norm_rope": 2 * n, "rms_norm": rms * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n + 1}
 
 
 CASES = [(m, r, d) for m in MODELS for r in (False, True) for d in (torch.float32, torch.bfloat16)]
