@@ -124,7 +124,8 @@ class DifffusePass(CustomGraphPass):
             return
         finally:
             _CTX.pop()
-        for family in self._families(families, module):
+        for family in (f for f in self.cfg.patterns if f in families):
+            default = ("no pattern variant matched this spelling" if family in module.IMPLS
+                       else f"the {name} lowering has no {family} kernel: left to Inductor")
             for node in families[family].anchors(graph):
-                reason = ctx.rejected.get(node, "no pattern variant matched this spelling")
-                rec.misses.append(Miss(family, reason, source_of(node)))
+                rec.misses.append(Miss(family, ctx.rejected.get(node, default), source_of(node)))

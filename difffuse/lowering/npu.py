@@ -1,0 +1,292 @@
+"""The Ascend NPU lowering: sgl_kernel_npu's Triton-Ascend kernels and torch_npu's rotary op.
+
+Upstream calls, as read from the sources (checked against sgl-project/sgl-kernel-npu
+f425bdf, python/sgl_kernel_npu/sgl_kernel_npu/norm/{rmsnorm_split,scale_shift}.py, last
+changed 5b76b29; torch_npu API reference 7.0.0, `torch_npu.npu_rotary_mul`):
+
+- ``rmsnorm_split.fused_variance(x)``: x ``[B, L, C]`` contiguous -> ``mean(x*x, -1)`` as
+  ``[B, L, 1]`` in x's dtype (no upcast, so we pass fp32, as sglang does).
+- ``rmsnorm_split.fused_rsqrt_mul(x, variance, weight, eps=1e-6)``: x ``[B, L, C]``,
+  variance with B*L elements, weight with C elements -> ``x * rsqrt(variance + eps) *
+  weight`` in x's dtype (``empty_like(x)``). A weight is required: no weight = ones.
+- ``scale_shift.fused_scale_shift(x, scale, shift, scale_constant=1.0)``: x contiguous
+  ``[B, L, D]``; asserts ``scale.numel() in {1, D}`` and ``shift.numel() in {1, D, B*L*D}``.
+  Full-size shift: ``x * (scale_constant + scale) + shift`` (scale read as D values, so a
+  scalar scale reads out of bounds); otherwise ``x * (1 + scale) + shift`` and
+  ``scale_constant`` is ignored. Loads x and scale in their dtypes, shift as fp32, stores
+  x's dtype: with an fp32 scale the arithmetic is fp32.
+- ``torch_npu.npu_rotary_mul(x, r1, r2, rotary_mode)``: 4-D, ``out = r1*x + r2*rotate(x)``
+  (half: ``cat(-x2, x1)``; interleave: pairs ``(-x[2i+1], x[2i])``); fp16/bf16/fp32; D even
+  and < 896; half: B, N < 1000, r1/r2 ``1S1D``/``BS1D``/``BSND`` for a BSND x; interleave:
+  B*N < 1000, r1/r2 ``1S1D``.
+
+Every vendor call is a ``difffuse::npu_*`` custom op (fake impl = shapes) so the pattern
+replacement can be traced into the post-grad graph; the casts around it are ordinary aten
+ops. Each family computes in fp32 and returns the op's ``out_dtype``, as the reference
+ops in ``ops.py`` do; ``supports`` sends every site a kernel cannot do exactly back to
+Inductor with the reason. Importing this module raises ImportError when torch_npu or
+sgl_kernel_npu is missing, so ``load_lowering`` falls back with one WARNING.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..patterns.common import val
+
+try:  # both are needed; sgl_kernel_npu itself imports torch_npu and loads its .so
+    import sgl_kernel_npu  # noqa: F401
+    import sgl_kernel_npu.norm.rmsnorm_split  # noqa: F401
+    import sgl_kernel_npu.norm.scale_shift  # noqa: F401
+    import torch_npu  # noqa: F401
+except ImportError as exc:
+    raise ImportError(f"torch_npu + sgl_kernel_npu (sgl-kernel-npu, built from source against CANN) "
+                      f"are not importable: {exc}") from exc
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _vendor(module: str, name: str):
+    """The vendor function, looked up when called (the module is already imported)."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def _define(name: str, fn, fake):
+    """`difffuse::<name>` as a custom op; defined once per process (re-imports reuse it)."""
+    if not hasattr(torch.ops.difffuse, name):
+        op = torch.library.custom_op(f"difffuse::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+    return getattr(torch.ops.difffuse, name).default
+
+
+# ------------------------------------------------------------------ vendor-call ops
+def _fused_variance(x: Tensor) -> Tensor:
+    return _vendor("sgl_kernel_npu.norm.rmsnorm_split", "fused_variance")(x.contiguous())
+
+
+def _fused_rsqrt_mul(x: Tensor, variance: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    w = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device) if weight is None else weight
+    fn = _vendor("sgl_kernel_npu.norm.rmsnorm_split", "fused_rsqrt_mul")
+    return fn(x.contiguous(), variance.contiguous(), w.reshape(-1).contiguous(), eps)
+
+
+def _fused_scale_shift(x: Tensor, scale: Tensor, shift: Tensor, scale_constant: float) -> Tensor:
+    fn = _vendor("sgl_kernel_npu.norm.scale_shift", "fused_scale_shift")
+    return fn(x.contiguous(), scale.contiguous(), shift.contiguous(), scale_constant=scale_constant)
+
+
+def _rotary_mul(x: Tensor, r1: Tensor, r2: Tensor, rotary_mode: str) -> Tensor:
+    return _vendor("torch_npu", "npu_rotary_mul")(x.contiguous(), r1.contiguous(), r2.contiguous(),
+                                                   rotary_mode=rotary_mode)
+
+
+fused_variance = _define("npu_fused_variance", _fused_variance,
+                         lambda x: x.new_empty((*x.shape[:-1], 1)))
+fused_rsqrt_mul = _define("npu_fused_rsqrt_mul", _fused_rsqrt_mul,
+                          lambda x, variance, weight, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
+fused_scale_shift = _define("npu_fused_scale_shift", _fused_scale_shift,
+                            lambda x, scale, shift, scale_constant: torch.empty_like(
+                                x, memory_format=torch.contiguous_format))
+rotary_mul = _define("npu_rotary_mul", _rotary_mul,
+                     lambda x, r1, r2, rotary_mode: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+# ------------------------------------------------------------------ family implementations
+def _rms_fp32(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """x * rsqrt(mean(x², -1) + eps) * w in fp32, through fused_variance + fused_rsqrt_mul on
+    x viewed as [1, tokens, C] (the kernels take [B, L, C])."""
+    xf = x.float().reshape(1, -1, x.shape[-1])
+    var = fused_variance(xf)
+    y = fused_rsqrt_mul(xf, var, None if weight is None else weight.float(), eps)
+    return y.reshape(x.shape)
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
+    """difffuse::rms_norm = fused_variance(x fp32) -> fused_rsqrt_mul(x, var, w fp32, eps), cast."""
+    return _rms_fp32(x, weight, eps).to(out_dtype)
+
+
+def _modulate(n: Tensor, scale: Tensor, shift: Optional[Tensor], k: float) -> Tensor:
+    """n * (k + scale) + shift through fused_scale_shift; `supports` has checked exactness.
+    scale goes in as fp32 so the kernel's `k + scale` and the products are fp32."""
+    if shift is None:  # k == 1 here: the small-shift kernel adds a zero scalar
+        shift = n.new_zeros(1, dtype=torch.float32)
+    return fused_scale_shift(n, scale.float(), shift, float(k))
+
+
+def scale_shift(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype) -> Tensor:
+    """difffuse::scale_shift: c + a * (k + b) = fused_scale_shift(a, b, c, scale_constant=k).
+    a goes in as is when its dtype is fp32 or the output's (the kernel stores a's dtype from
+    fp32 arithmetic), else upcast to fp32 first."""
+    x = a if a.dtype in (out_dtype, torch.float32) else a.float()
+    return _modulate(x, b, c, k).to(out_dtype)
+
+
+def norm_scale_shift(x, residual, gate, weight, bias, scale, shift, eps: float, k: float, is_rms: bool,
+                     residual_dtype: torch.dtype, out_dtype: torch.dtype):
+    """difffuse::norm_scale_shift: residual (+ gate) in aten, rounded to residual_dtype; the
+    norm (RMS: fused_variance + fused_rsqrt_mul; LayerNorm: aten) in fp32; modulation by
+    fused_scale_shift."""
+    if residual is None:
+        r = x.to(residual_dtype)
+    else:
+        xs = x.float() if gate is None else x.float() * gate.float()
+        r = (residual.float() + xs).to(residual_dtype)
+    if is_rms:
+        n = _rms_fp32(r, weight, eps)
+    else:
+        var, mean = torch.var_mean(r.float(), dim=-1, correction=0, keepdim=True)
+        n = (r.float() - mean) * torch.rsqrt(var + eps)
+        if weight is not None:
+            n = n * weight.float()
+    if bias is not None:
+        n = n + bias.float()
+    if scale is not None:
+        n = _modulate(n, scale, shift, k)
+    return n.to(out_dtype), r
+
+
+def _table4(t: Tensor) -> Tensor:
+    """A cos/sin table as the 4-D [.., S, .., D] tensor npu_rotary_mul reads (fp32)."""
+    return t.float().reshape((1,) * (4 - t.ndim) + tuple(t.shape))
+
+
+def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
+                 out_dtype: torch.dtype) -> Tensor:
+    """difffuse::qk_norm_rope = the rms_norm kernels, then npu_rotary_mul on [B, S, N, D].
+    interleave: r1[2i] = r1[2i+1] = cos[2i], r2[2i] = r2[2i+1] = sin[2i+1] (the reference's
+    pair rotation); half: r1 = cos, r2 = sin."""
+    n = _rms_fp32(x, weight, eps)
+    if across_heads:
+        n = n.unflatten(-1, (num_heads, -1))
+    c, s = _table4(cos), _table4(sin)
+    if interleaved:
+        r1, r2 = c[..., 0::2].repeat_interleave(2, -1), s[..., 1::2].repeat_interleave(2, -1)
+    else:
+        r1, r2 = c, s
+    return rotary_mul(n, r1, r2, "interleave" if interleaved else "half").to(out_dtype)
+
+
+def variance(x: Tensor) -> Tensor:
+    """difffuse::variance = fused_variance(x fp32) (tensor-parallel RMSNorm, first half)."""
+    return fused_variance(x.float().reshape(1, -1, x.shape[-1])).reshape(*x.shape[:-1], 1)
+
+
+def rsqrt_mul(x: Tensor, var: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
+    """difffuse::rsqrt_mul = fused_rsqrt_mul(x fp32, var, w fp32, eps), cast (second half)."""
+    xf = x.float().reshape(1, -1, x.shape[-1])
+    y = fused_rsqrt_mul(xf, var.float().reshape(1, -1, 1), None if weight is None else weight.float(), eps)
+    return y.reshape(x.shape).to(out_dtype)
+
+
+IMPLS = {
+    "rms_norm": rms_norm,
+    "scale_shift": scale_shift,
+    "norm_scale_shift": norm_scale_shift,
+    "qk_norm_rope": qk_norm_rope,
+    "variance": variance,
+    "rsqrt_mul": rsqrt_mul,
+}
+
+
+# ------------------------------------------------------------------ eligibility
+def _tensor(x) -> Optional[Tensor]:
+    t = val(x)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _float_ok(*ts) -> Optional[str]:
+    for t in ts:
+        if t is not None and t.dtype not in FLOATS:
+            return f"dtype {t.dtype} (the NPU kernels take fp16/bf16/fp32)"
+    return None
+
+
+def modulation_reason(x_shape, scale: Optional[Tensor], shift: Optional[Tensor], k: float) -> Optional[str]:
+    """Whether fused_scale_shift computes x * (k + scale) + shift exactly for an x of
+    x_shape (contiguous, as our ops pass it): None, or why not."""
+    if len(x_shape) != 3:
+        return f"fused_scale_shift takes a [B, L, D] x, got {len(x_shape)}-d"
+    if scale is None:
+        return "shift without scale"
+    b, l, d = x_shape
+    if scale.numel() == 1:
+        scale_kind = "scalar"
+    elif scale.numel() == d and scale.ndim >= 1 and scale.shape[-1] == d:
+        scale_kind = "vector"
+    else:
+        return (f"scale of shape {tuple(scale.shape)} is per-batch/per-frame/per-token; fused_scale_shift "
+                f"reads one scale of 1 or D={d} values for every row")
+    if shift is None or shift.numel() == 1:
+        full = False
+    elif shift.numel() == d and shift.shape[-1] == d:
+        full = False
+    elif shift.numel() == b * l * d and torch.broadcast_shapes(tuple(shift.shape), x_shape) == tuple(x_shape):
+        if not shift.is_contiguous():
+            return "full-size shift is not contiguous"
+        full = True
+    else:
+        return f"shift of shape {tuple(shift.shape)} is not 1, D={d} or B*L*D elements laid out like x"
+    if full and scale_kind == "scalar":
+        return "scalar scale with a full-size shift (the kernel would read D scale values)"
+    if not full and float(k) != 1.0:
+        return f"k={k} with a shift smaller than x: the kernel ignores scale_constant and uses 1"
+    return None
+
+
+def _rope_reason(out_shape, cos: Tensor, sin: Tensor, interleaved: bool) -> Optional[str]:
+    if cos.is_complex() or sin.is_complex():
+        return "complex cos/sin table"
+    if len(out_shape) != 4:
+        return f"npu_rotary_mul takes 4-d q/k, got {len(out_shape)}-d"
+    b, s, n, d = out_shape
+    if d % 2 or d >= 896:
+        return f"head_dim {d}: npu_rotary_mul needs it even and < 896"
+    if tuple(cos.shape) != tuple(sin.shape) or cos.ndim > 4:
+        return f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} are not one table shape"
+    t = (1,) * (4 - cos.ndim) + tuple(cos.shape)
+    allowed = [(1, s, 1, d)] + ([] if interleaved else [(b, s, 1, d), (b, s, n, d)])
+    if t not in allowed:
+        return f"cos/sin shaped {t} for q/k {tuple(out_shape)}: npu_rotary_mul takes {allowed}"
+    if interleaved and b * n >= 1000:
+        return f"interleave mode needs B*N < 1000, got {b}*{n}"
+    if not interleaved and (b >= 1000 or n >= 1000):
+        return f"half mode needs B, N < 1000, got B={b}, N={n}"
+    return None
+
+
+def supports(family: str, site: dict) -> Optional[str]:
+    """None if the NPU kernels compute this site exactly; else the reason (site -> Inductor)."""
+    if family in ("rms_norm", "variance", "rsqrt_mul"):
+        return _float_ok(_tensor(site.get("x")), _tensor(site.get("weight")))
+    if family == "scale_shift":
+        a, b, c = _tensor(site["a"]), _tensor(site["b"]), _tensor(site.get("c"))
+        if a is None or b is None:
+            return "scale_shift operands are not tensors"
+        reason = _float_ok(a, b, c)
+        if reason is None and not a.is_contiguous():
+            reason = "x is not contiguous"
+        return reason or modulation_reason(tuple(a.shape), b, c, site["k"])
+    if family == "norm_scale_shift":
+        ts = [_tensor(site.get(k)) for k in ("x", "residual", "gate", "weight", "bias", "scale", "shift")]
+        reason = _float_ok(*ts)
+        if reason:
+            return reason
+        x, residual, gate, _, _, scale, shift = ts
+        r_shape = torch.broadcast_shapes(*[t.shape for t in (x, residual, gate) if t is not None])
+        if scale is None and shift is None:
+            return None if site["is_rms"] else "LayerNorm without modulation: no NPU kernel to add"
+        return modulation_reason(tuple(r_shape), scale, shift, site["k"])
+    if family == "qk_norm_rope":
+        x, cos, sin = _tensor(site["x"]), _tensor(site["cos"]), _tensor(site["sin"])
+        reason = _float_ok(x, _tensor(site.get("weight")))
+        if reason:
+            return reason
+        out_shape = (*x.shape[:-1], site["num_heads"], x.shape[-1] // site["num_heads"]) \
+            if site["across_heads"] else tuple(x.shape)
+        return _rope_reason(tuple(out_shape), cos, sin, site["interleaved"])
+    return f"no NPU kernel for {family}"

@@ -1,0 +1,154 @@
+"""rms_norm, tensor-parallel form (design §3.1; seed: sglang `tensor_parallel_rms_norm`):
+the last dim is sharded over a TP group, so the mean of squares is all-reduced (AVG)
+before the rsqrt.
+
+    x ─(convert fp32)?─┬─ pow(·,2) | mul(·,·) ─ mean.dim([-1], keepdim)      (fp32)
+                       │   ─ _c10d_functional.all_reduce(·, "avg", group) ─ wait_tensor
+                       │     | all_reduce(·, "sum", group) ─ wait_tensor ─ div(·, group size)
+                       │   (─ copy(mean, ·): in-place `dist.all_reduce`, before noop removal)
+                       │   ─ add(eps) ─ rsqrt ─┐
+                       └──────────────── mul ◀─┘ ─ (convert)? ─ (mul w)? ─ (convert)?
+      ==>  v = difffuse::variance(x)                      (lowering: NPU fused_variance)
+           v = wait_tensor(all_reduce(v, same op, same group)) [/ group size]
+           y = difffuse::rsqrt_mul(x, v, w, eps, out_dtype) (lowering: NPU fused_rsqrt_mul)
+
+Post-grad forms dumped on torch 2.13 CPU with a 2-process gloo group: a functional
+`fc.all_reduce(var, "avg", group)` and an in-place `dist.all_reduce(var)` both become
+`_c10d_functional.all_reduce(mean, op, "<group name>") -> wait_tensor`; the in-place one
+adds `aten.copy(mean, wait)`, which Inductor's noop removal drops before the custom pass
+but which the `inductor=False` path still sees. The collective in the replacement is the
+model's own (same reduce op and group name); only its neighbours change.
+
+Matched only where the variance is fp32 (a bf16 variance would change what is
+all-reduced) and a "sum" is divided by exactly the group's size. The plain rms_norm
+checks (last dim, x², eps a constant, weight along the last dim, casts) apply unchanged.
+Registered as extra variants of the `rms_norm` family: `RMSNormFamily` below is what
+`patterns/__init__.py` loads for "rms_norm".
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch._inductor.pattern_matcher import CallFunction, KeywordArg
+
+from .common import Variant, aten, cast, val
+from .rms_norm import ADD_EPS, RMSNormPattern
+
+c10d = torch.ops._c10d_functional
+ALL_REDUCE = c10d.all_reduce.default
+WAIT = c10d.wait_tensor.default
+
+
+def tp_core(x, square: str, collective: str, copy: bool, order: str, xs=None):
+    """`x * rsqrt(allreduce(mean(xs²)) + eps)` in the spellings above."""
+    xs = x if xs is None else xs
+    sq = (CallFunction(aten.pow.Tensor_Scalar, xs, KeywordArg("exponent")) if square == "pow"
+          else CallFunction(aten.mul.Tensor, xs, xs))
+    mean = CallFunction(aten.mean.dim, sq, KeywordArg("dims"), True, _users=2 if copy else 1)
+    red = CallFunction(WAIT, CallFunction(ALL_REDUCE, mean, KeywordArg("reduce_op"), KeywordArg("group_name")))
+    if copy:
+        red = CallFunction(aten.copy.default, mean, red)
+    if collective == "sum_div":
+        red = CallFunction(aten.div.Tensor, red, KeywordArg("world"))
+    rs = CallFunction(aten.rsqrt.default, CallFunction(ADD_EPS, red, KeywordArg("eps")))
+    return CallFunction(aten.mul.Tensor, x, rs) if order == "x_r" else CallFunction(aten.mul.Tensor, rs, x)
+
+
+def group_size(group_name: str) -> int | None:
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(group_name).size()
+    except Exception:  # no such group in this process
+        return None
+
+
+class RMSNormFamily(RMSNormPattern):
+    """The rms_norm family: RMSNormPattern's table plus the tensor-parallel variants."""
+
+    def build_pass(self, get_ctx):
+        self._get_ctx = get_ctx  # check() asks the lowering whether it has the TP ops
+        return super().build_pass(get_ctx)
+
+    def variants(self) -> list[Variant]:
+        return super().variants() + self.tp_variants()
+
+    def tp_variants(self) -> list[Variant]:
+        out = []
+        # x_cast: sglang's `x.float()` used twice, or an fp32 x; tails as in rms_norm
+        for x_cast, square, collective, copy, order, tail in itertools.product(
+                ("both", "none"), ("pow", "mul"), ("avg", "sum_div"), (False, True), ("x_r", "r_x"),
+                ("cast_w_cast", "w_cast", "cast_w", "w", "cast", "none")):
+            x = KeywordArg("x")
+            p = tp_core(cast(x, users=2), square, collective, copy, order) if x_cast == "both" \
+                else tp_core(x, square, collective, copy, order)
+            if tail.startswith("cast_w"):
+                p = CallFunction(aten.mul.Tensor, cast(p), KeywordArg("w"))
+            elif tail.startswith("w"):
+                p = CallFunction(aten.mul.Tensor, p, KeywordArg("w"))
+            if tail.endswith("cast"):
+                p = cast(p)
+            name = "/".join(["tp", f"cast_{x_cast}", square, collective + ("_copy" if copy else ""), order, tail])
+            out.append(Variant(name, p, {"tp": True, "x_cast": x_cast, "tail": tail, "collective": collective}))
+        return out
+
+    def anchors(self, graph):
+        found = super().anchors(graph)
+        for n in graph.find_nodes(op="call_function", target=aten.rsqrt.default):
+            add = n.args[0]
+            if isinstance(add, torch.fx.Node) and add.target in ADD_EPS and _after_all_reduce(add.args[0]):
+                found.append(n)
+        return found
+
+    def check(self, match, variant):
+        site = super().check(match, variant)
+        if isinstance(site, str) or not variant.info.get("tp"):
+            return site
+        kw = match.kwargs
+        mean = next(n for n in match.nodes if n.target == aten.mean.dim)
+        if val(mean).dtype != torch.float32:
+            return f"variance computed in {val(mean).dtype}; the fused ops all-reduce an fp32 variance"
+        want = "avg" if variant.info["collective"] == "avg" else "sum"
+        if kw["reduce_op"] != want:
+            return f"all_reduce op {kw['reduce_op']!r}, not the mean over the group"
+        if want == "sum" and kw["world"] != group_size(kw["group_name"]):
+            return f"sum all-reduced then divided by {kw['world']}, not by the group size"
+        ctx = self._get_ctx()
+        impls = getattr(ctx.module, "IMPLS", {})
+        missing = [f for f in ("variance", "rsqrt_mul") if f not in impls]
+        if missing:
+            return f"the {ctx.lowering} lowering has no {'/'.join(missing)} kernel"
+        for fam in ("variance", "rsqrt_mul"):
+            reason = ctx.supports(fam, site)
+            if reason:
+                return f"{ctx.lowering} {fam}: {reason}"
+        site.update(reduce_op=kw["reduce_op"], group_name=kw["group_name"],
+                    world=kw.get("world") if want == "sum" else None)
+        return site
+
+    def replace(self, match, variant, site, ctx):
+        if not variant.info.get("tp"):
+            return super().replace(match, variant, site, ctx)
+        var_op, rsqrt_mul = ctx.impl("variance"), ctx.impl("rsqrt_mul")
+        eps, out_dtype, op, group, world = (site["eps"], site["out_dtype"], site["reduce_op"], site["group_name"],
+                                            site["world"])
+
+        def repl(x, w=None):
+            v = c10d.wait_tensor(c10d.all_reduce(var_op(x), op, group))
+            if world is not None:
+                v = v / world
+            return rsqrt_mul(x, v, w, eps, out_dtype)
+
+        args = [site["x"]] if site["weight"] is None else [site["x"], site["weight"]]
+        match.replace_by_example(repl, args)
+
+
+def _after_all_reduce(node) -> bool:
+    """node is (copy of / div of) wait_tensor(all_reduce(...))."""
+    while isinstance(node, torch.fx.Node) and node.target in (aten.div.Tensor, aten.copy.default):
+        node = node.args[0] if node.target == aten.div.Tensor else node.args[1]
+    return isinstance(node, torch.fx.Node) and node.target == WAIT
+
+
+FAMILY = RMSNormFamily()

@@ -1,0 +1,494 @@
+"""NPU / ROCm / MUSA lowerings, contract-tested on CPU (design §5): stand-in `sgl_kernel_npu`,
+`torch_npu` and `aiter` modules go into sys.modules, compute in PyTorch, ENFORCE what the
+real kernels assert or silently assume (read from the upstream sources cited in
+difffuse/lowering/{npu,rocm}.py) and record every call. Asserted: each lowering calls
+exactly the expected vendor function with the expected shapes, dtypes and constants;
+sites a kernel cannot do exactly stay with Inductor and the report says why; a missing
+package gives one WARNING naming it and the fallback; `inductor=False` and device
+detection (overridden) work. Not run on Ascend or AMD hardware."""
+from __future__ import annotations
+
+import importlib.machinery
+import logging
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+
+import difffuse.lowering as lowering
+from conftest import assert_close, compile_and_run
+from difffuse.fusion_pass import backend, device, pass_manager
+from difffuse.lowering import ops
+
+# ====================================================================== stand-ins
+def _sig(args):
+    return [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def npu_modules(calls: list) -> dict:
+    """sys.modules entries for sgl_kernel_npu (+ norm.rmsnorm_split, norm.scale_shift) and torch_npu."""
+
+    def fused_variance(x):
+        B, L, C = x.shape[0], x.shape[1], x.shape[2]  # upstream reads exactly these
+        assert x.dim() == 3, "fused_variance reads x as [B, L, C]"
+        assert x.is_contiguous(), "fused_variance indexes x as contiguous rows"
+        calls.append(("fused_variance", _sig([x]), {}))
+        return x.pow(2).mean(-1, keepdim=True).to(x.dtype)  # no upcast: x's dtype
+
+    def fused_rsqrt_mul(x, variance, weight, eps=1e-6):
+        B, L, C = x.shape[0], x.shape[1], x.shape[2]
+        assert x.dim() == 3 and x.is_contiguous(), "fused_rsqrt_mul reads x as contiguous [B, L, C]"
+        assert variance.numel() == B * L and variance.is_contiguous(), "one variance per row"
+        assert weight is not None and weight.numel() == C and weight.is_contiguous(), "weight: C values"
+        calls.append(("fused_rsqrt_mul", _sig([x, variance, weight]), {"eps": eps}))
+        y = x * torch.rsqrt(variance.reshape(B, L, 1) + eps) * weight.reshape(C)
+        return y.to(x.dtype)  # empty_like(x)
+
+    def fused_scale_shift(x, scale, shift, scale_constant=1.0):
+        num_tokens, hidden = x.shape[0] * x.shape[1], x.shape[2]
+        assert x.dim() == 3 and x.is_contiguous(), "fused_scale_shift indexes x as contiguous [B, L, D]"
+        scale, shift = scale.view(-1), shift.view(-1)  # upstream: view, not reshape
+        assert scale.numel() in (1, hidden), f"Scale size must be 1 or {hidden}, got {scale.numel()}"
+        assert shift.numel() in (1, hidden, num_tokens * hidden), f"bad shift size {shift.numel()}"
+        calls.append(("fused_scale_shift", _sig([x, scale, shift]), {"scale_constant": scale_constant}))
+        if shift.numel() == num_tokens * hidden:  # kernel 2: reads D scale values
+            assert scale.numel() == hidden, "scalar scale with a full shift: the real kernel reads out of bounds"
+            y = x * (scale_constant + scale) + shift.view(x.shape).float()
+        else:  # kernel 1: scale_constant is ignored, 1.0 is used
+            y = x * (1.0 + scale) + shift.float()
+        return y.to(x.dtype)
+
+    def npu_rotary_mul(x, r1, r2, rotary_mode="half"):
+        assert x.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, "npu_rotary_mul takes 4-d tensors"
+        assert x.dtype in FLOATS and r1.dtype in FLOATS and r2.dtype in FLOATS
+        B, S, N, D = x.shape  # the BSND layout the lowering passes
+        assert D % 2 == 0 and D < 896, "D even and < 896"
+        assert r1.shape == r2.shape
+        if rotary_mode == "half":
+            assert B < 1000 and N < 1000
+            assert tuple(r1.shape) in ((1, S, 1, D), (B, S, 1, D), (B, S, N, D)), r1.shape
+            x1, x2 = x.chunk(2, -1)
+            rot = torch.cat([-x2, x1], -1)
+        else:
+            assert rotary_mode == "interleave", rotary_mode
+            assert B * N < 1000 and tuple(r1.shape) == (1, S, 1, D), (B, N, r1.shape)
+            rot = torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2)
+        calls.append(("npu_rotary_mul", _sig([x, r1, r2]), {"rotary_mode": rotary_mode}))
+        return (r1 * x + r2 * rot).to(x.dtype)
+
+    sgl = types.ModuleType("sgl_kernel_npu")
+    norm = types.ModuleType("sgl_kernel_npu.norm")
+    rs = types.ModuleType("sgl_kernel_npu.norm.rmsnorm_split")
+    ss = types.ModuleType("sgl_kernel_npu.norm.scale_shift")
+    tnpu = types.ModuleType("torch_npu")
+    rs.fused_variance, rs.fused_rsqrt_mul = fused_variance, fused_rsqrt_mul
+    ss.fused_scale_shift = fused_scale_shift
+    tnpu.npu_rotary_mul = npu_rotary_mul
+    sgl.norm, norm.rmsnorm_split, norm.scale_shift = norm, rs, ss
+    for mod in (sgl, norm, rs, ss, tnpu):
+        mod.__spec__ = importlib.machinery.ModuleSpec(mod.__name__, None)
+    return {"sgl_kernel_npu": sgl, "sgl_kernel_npu.norm": norm, "sgl_kernel_npu.norm.rmsnorm_split": rs,
+            "sgl_kernel_npu.norm.scale_shift": ss, "torch_npu": tnpu}
+
+
+def aiter_modules(calls: list) -> dict:
+    """sys.modules entry for aiter (amd-aiter)."""
+
+    def _check(x, weight):
+        assert x.dim() == 2, "rmsnorm2d: 2-d input"
+        assert x.dtype in FLOATS, f"fp16/bf16/fp32 only, got {x.dtype}"
+        assert weight.dtype == x.dtype, "weight dtype must match input"
+        assert x.is_contiguous() and weight.is_contiguous(), "contiguous only"
+        assert weight.shape[-1] == x.shape[-1], "weight length != hidden"
+
+    def _rms(x, weight, eps):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+    def rmsnorm2d_fwd(input, weight, epsilon, use_model_sensitive_rmsnorm=0):
+        _check(input, weight)
+        calls.append(("rmsnorm2d_fwd", _sig([input, weight]), {"epsilon": epsilon}))
+        return _rms(input, weight, epsilon)
+
+    # trailing arguments keyword-only: their order differs between releases
+    def rmsnorm2d_fwd_with_add(out, input, residual_in, residual_out, weight, epsilon, *, gemma_norm=False,
+                               use_model_sensitive_rmsnorm=0):
+        _check(input, weight)
+        for t in (out, residual_in, residual_out):
+            assert t.dtype == input.dtype and t.is_contiguous() and t.shape == input.shape, "bad out/residual"
+        calls.append(("rmsnorm2d_fwd_with_add", _sig([out, input, residual_in, residual_out, weight]),
+                      {"epsilon": epsilon}))
+        residual_out.copy_((input.float() + residual_in.float()).to(input.dtype))
+        out.copy_(_rms(residual_out, weight, epsilon))
+        return None
+
+    aiter = types.ModuleType("aiter")
+    aiter.rmsnorm2d_fwd, aiter.rmsnorm2d_fwd_with_add = rmsnorm2d_fwd, rmsnorm2d_fwd_with_add
+    aiter.__spec__ = importlib.machinery.ModuleSpec("aiter", None)
+    return {"aiter": aiter}
+
+
+def _use(monkeypatch, modules: dict, lowering_module: str) -> None:
+    """Install stand-ins (None = the package is absent) and make the lowering import afresh."""
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delitem(sys.modules, lowering_module, raising=False)
+    monkeypatch.setattr(lowering, "_warned", set())
+
+
+@pytest.fixture
+def npu_calls(monkeypatch):
+    calls: list = []
+    _use(monkeypatch, npu_modules(calls), "difffuse.lowering.npu")
+    return calls
+
+
+@pytest.fixture
+def aiter_calls(monkeypatch):
+    calls: list = []
+    _use(monkeypatch, aiter_modules(calls), "difffuse.lowering.rocm")
+    return calls
+
+
+class Block(nn.Module):
+    """Linear -> RMSNorm -> Linear: one rms_norm site (the family that exists everywhere)."""
+
+    def __init__(self, d=16, weight=True, dtype=torch.float32):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d, dtype=dtype), nn.Linear(d, d, dtype=dtype)
+        self.n = nn.RMSNorm(d, eps=1e-6, elementwise_affine=weight, dtype=dtype)
+
+    def forward(self, x):
+        return self.b(self.n(self.a(x)))
+
+
+def _block(dtype=torch.float32, weight=True):
+    torch.manual_seed(0)
+    m = Block(weight=weight, dtype=dtype).eval()
+    if weight:
+        nn.init.normal_(m.n.weight)
+    return m, torch.randn(2, 5, 16, dtype=dtype)
+
+
+# ====================================================================== NPU
+@pytest.mark.parametrize("inductor", [True, False], ids=["inductor", "eager_graph"])
+@pytest.mark.parametrize("dtype,weight", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_npu_rms_norm_calls_variance_then_rsqrt_mul(npu_calls, dtype, weight, inductor):
+    m, x = _block(dtype, weight)
+    out, rep = compile_and_run(m, x, options={"lowering": "npu", "inductor": inductor})
+    assert rep.matches() == {"rms_norm": 1} and rep.graphs[0].lowering == "npu"
+    f32 = torch.float32
+    assert npu_calls == [
+        ("fused_variance", [((1, 10, 16), f32)], {}),
+        ("fused_rsqrt_mul", [((1, 10, 16), f32), ((1, 10, 1), f32), ((16,), f32)], {"eps": pytest.approx(1e-6)}),
+    ]
+    with torch.no_grad():
+        assert_close(out, m(x))
+
+
+def test_npu_auto_detects_the_device(npu_calls, monkeypatch):
+    """lowering="auto" on a graph whose tensors say npu (detection overridden: no NPU here)."""
+    monkeypatch.setattr(backend, "detect_from_tensors", lambda values: "npu")
+    monkeypatch.setattr(pass_manager, "detect_device", lambda graph: "npu")
+    m, x = _block()
+    out, rep = compile_and_run(m, x, options={"lowering": "auto", "inductor": False})
+    assert rep.graphs[0].lowering == "npu" and rep.matches() == {"rms_norm": 1}
+    assert [c[0] for c in npu_calls] == ["fused_variance", "fused_rsqrt_mul"]
+    assert_close(out, m(x))
+
+
+@pytest.mark.parametrize("absent,named", [("sgl_kernel_npu", "sgl_kernel_npu"), ("torch_npu", "torch_npu")])
+def test_npu_missing_package_warns_once_and_falls_back(monkeypatch, caplog, absent, named):
+    modules = npu_modules([])
+    modules[absent] = None  # `import absent` raises ImportError
+    _use(monkeypatch, modules, "difffuse.lowering.npu")
+    m, x = _block()
+    with caplog.at_level(logging.WARNING, logger="difffuse"):
+        for _ in range(2):
+            out, rep = compile_and_run(m, x, options={"lowering": "npu"})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert named in warnings[0] and "falling back to inductor" in warnings[0]
+    assert rep.matches() == {} and rep.graphs[0].lowering == "inductor"
+    assert "npu lowering unavailable: fell back to inductor" in rep.graphs[0].notes
+    assert_close(out, m(x))
+
+
+# ---------------------------------------------------------------------- sites by hand
+def site_node(t):
+    """An fx Node whose fake value is `t` (how a pattern hands tensors to `supports`)."""
+    node = torch.fx.Graph().placeholder("t")
+    node.meta["val"] = t
+    return node
+
+
+def _site(**kw):
+    return {k: site_node(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+B, L, D = 2, 6, 8
+SCALE_SHIFT_CASES = {
+    # name: (b shape, c shape or None, k, reason substring or None)
+    "adaln_vector": ((1, 1, D), (1, 1, D), 1.0, None),
+    "scalar_scale_vector_shift": ((1,), (D,), 1.0, None),
+    "per_token_shift_k1": ((1, 1, D), (B, L, D), 1.0, None),
+    "gated_residual_k0_full": ((1, 1, D), (B, L, D), 0.0, None),
+    "no_shift_k1": ((D,), None, 1.0, None),
+    "k0_small_shift": ((1, 1, D), (1, 1, D), 0.0, "ignores scale_constant"),
+    "k0_no_shift": ((1, 1, D), None, 0.0, "ignores scale_constant"),
+    "per_batch_scale": ((B, 1, D), (B, 1, D), 1.0, "per-batch"),
+    "per_token_scale": ((B, L, D), (B, L, D), 1.0, "per-batch"),
+    "scalar_scale_full_shift": ((1,), (B, L, D), 1.0, "scalar scale with a full-size shift"),
+    "per_batch_shift": ((1, 1, D), (B, 1, D), 1.0, "shift of shape"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_SHIFT_CASES))
+def test_npu_scale_shift_exact_or_refused(npu_calls, name):
+    """scale_shift through the NPU IMPLS callable on hand-made inputs (the scale_shift pattern
+    is another module): where `supports` says yes, one fused_scale_shift call with an fp32
+    scale and scale_constant=k equals the reference op; where it says no, the real kernel
+    would assert or compute something else — the stand-in shows which."""
+    from difffuse.lowering import npu
+
+    bshape, cshape, k, why = SCALE_SHIFT_CASES[name]
+    torch.manual_seed(0)
+    a = torch.randn(B, L, D, dtype=torch.bfloat16)
+    b = torch.randn(bshape)
+    c = torch.randn(cshape) if cshape else None
+    reason = npu.supports("scale_shift", _site(a=a, b=b, c=c, k=k, out_dtype=torch.bfloat16))
+    ref = ops.scale_shift_ref(a, b, c, k, torch.bfloat16)
+    if why is None:
+        assert reason is None
+        out = npu.IMPLS["scale_shift"](a, b, c, k, torch.bfloat16)
+        assert_close(out, ref)
+        (fn, args, consts), = npu_calls
+        assert fn == "fused_scale_shift" and consts == {"scale_constant": k}
+        assert args[0] == ((B, L, D), torch.bfloat16) and args[1][1] == torch.float32
+    else:
+        assert reason is not None and why in reason, reason
+        try:
+            wrong = npu.IMPLS["scale_shift"](a, b, c, k, torch.bfloat16)
+        except (AssertionError, RuntimeError):
+            return  # the kernel refuses it
+        assert not torch.allclose(wrong.float(), ref.float(), atol=1e-2), "the refusal would not be needed"
+
+
+def test_npu_scale_shift_needs_3d_contiguous(npu_calls):
+    from difffuse.lowering import npu
+
+    a4 = torch.randn(2, 3, 4, D)
+    assert "[B, L, D]" in npu.supports("scale_shift", _site(a=a4, b=torch.randn(D), c=None, k=1.0,
+                                                             out_dtype=torch.float32))
+    at = torch.randn(B, D, L).transpose(1, 2)
+    assert "contiguous" in npu.supports("scale_shift", _site(a=at, b=torch.randn(D), c=None, k=1.0,
+                                                              out_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("form", ["ln_modulated", "residual_gate_affine_ln_modulated", "residual_rms",
+                                  "ln_no_modulation", "ln_per_batch_scale"])
+def test_npu_norm_scale_shift(npu_calls, form):
+    """norm_scale_shift on NPU: the norm in aten (LN) or the rms kernels, the modulation by
+    fused_scale_shift where exact; r rounded to residual_dtype before the norm."""
+    from difffuse.lowering import npu
+
+    torch.manual_seed(0)
+    bf, f32 = torch.bfloat16, torch.float32
+    x, res, gate = torch.randn(1, L, D, dtype=bf), torch.randn(1, L, D, dtype=bf), torch.randn(1, 1, D)
+    w, bias, scale, shift = torch.randn(D), torch.randn(D), torch.randn(1, 1, D), torch.randn(1, 1, D)
+    args = dict(x=x, residual=None, gate=None, weight=None, bias=None, scale=scale, shift=shift, eps=1e-6,
+                k=1.0, is_rms=False, residual_dtype=f32, out_dtype=bf)
+    expect = ["fused_scale_shift"]
+    if form == "residual_gate_affine_ln_modulated":
+        args.update(residual=res, gate=gate, weight=w, bias=bias, residual_dtype=bf)
+    elif form == "residual_rms":
+        args.update(residual=res, weight=w, scale=None, shift=None, is_rms=True, residual_dtype=bf)
+        expect = ["fused_variance", "fused_rsqrt_mul"]
+    elif form == "ln_no_modulation":
+        args.update(scale=None, shift=None)
+    elif form == "ln_per_batch_scale":
+        args.update(x=torch.randn(2, L, D, dtype=bf), scale=torch.randn(2, 1, D), shift=torch.randn(2, 1, D))
+    reason = npu.supports("norm_scale_shift", _site(**args))
+    if form in ("ln_no_modulation", "ln_per_batch_scale"):
+        assert reason is not None
+        return
+    assert reason is None
+    out, r = npu.IMPLS["norm_scale_shift"](**args)
+    ref_out, ref_r = ops.norm_scale_shift_ref(**args)
+    assert r.dtype == ref_r.dtype and torch.equal(r, ref_r)
+    assert_close(out, ref_out)
+    assert [c[0] for c in npu_calls] == expect
+    if expect == ["fused_scale_shift"]:
+        assert npu_calls[0][1][0] == ((1, L, D), f32)  # the fp32 normalised tensor
+
+
+ROPE = {  # name: (x shape, num_heads, across_heads, interleaved, table shape, reason substring)
+    "wan_across_interleave": ((1, L, 4 * D), 4, True, True, (1, L, 1, D), None),
+    "flux_per_head_half": ((2, L, 4, D), 4, False, False, (L, 1, D), None),
+    "per_head_half_per_batch_table": ((2, L, 4, D), 4, False, False, (2, L, 1, D), None),
+    "interleave_per_batch_table": ((2, L, 4, D), 4, False, True, (2, L, 1, D), "npu_rotary_mul takes"),
+    "interleave_too_many_heads": ((2, L, 500, D), 500, False, True, (1, L, 1, D), "B*N < 1000"),
+    "table_over_heads": ((1, L, 4, D), 4, False, False, (1, 1, 4, D), "npu_rotary_mul takes"),
+    "not_4d": ((L, 4, D), 4, False, False, (L, 1, D), "4-d"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE))
+def test_npu_qk_norm_rope(npu_calls, name):
+    """qk_norm_rope on NPU: rms kernels then npu_rotary_mul (mode from the layout), equal to
+    the reference op; layouts outside npu_rotary_mul's limits are refused with the reason."""
+    from difffuse.lowering import npu
+
+    shape, heads, across, inter, tshape, why = ROPE[name]
+    torch.manual_seed(0)
+    x, w = torch.randn(shape, dtype=torch.bfloat16), torch.randn(shape[-1])
+    ang = torch.randn(tshape, dtype=torch.float64)
+    if inter:  # interleaved tables repeat each value per pair, as Wan builds them
+        ang = ang[..., 0::2].repeat_interleave(2, -1)
+    cos, sin = ang.cos().float(), ang.sin().float()
+    args = dict(x=x, weight=w, cos=cos, sin=sin, eps=1e-6, num_heads=heads, across_heads=across,
+                interleaved=inter, out_dtype=torch.bfloat16)
+    reason = npu.supports("qk_norm_rope", _site(**args))
+    if why:
+        assert reason is not None and why in reason, reason
+        return
+    assert reason is None
+    out = npu.IMPLS["qk_norm_rope"](**args)
+    assert_close(out, ops.qk_norm_rope_ref(**args))
+    assert [c[0] for c in npu_calls] == ["fused_variance", "fused_rsqrt_mul", "npu_rotary_mul"]
+    assert npu_calls[2][2] == {"rotary_mode": "interleave" if inter else "half"}
+    assert all(dt == torch.float32 for _, dt in npu_calls[2][1])
+
+
+def test_npu_rope_refuses_complex_and_wide_heads(npu_calls):
+    from difffuse.lowering import npu
+
+    x = torch.randn(1, L, 2, 900)
+    t = torch.randn(1, L, 1, 900)
+    assert "even and < 896" in npu.supports("qk_norm_rope", _site(
+        x=x, weight=None, cos=t, sin=t, eps=1e-6, num_heads=2, across_heads=False, interleaved=False,
+        out_dtype=torch.float32))
+    c = torch.randn(1, L, 1, D // 2, dtype=torch.complex64)
+    assert "complex" in npu.supports("qk_norm_rope", _site(
+        x=torch.randn(1, L, 2, D), weight=None, cos=c, sin=c, eps=1e-6, num_heads=2, across_heads=False,
+        interleaved=True, out_dtype=torch.float32))
+
+
+def test_npu_tiny_wan_matches_eager(monkeypatch):
+    """The tiny Wan T2V transformer on the NPU lowering (stand-ins), graph run eagerly:
+    every fused site went through the vendor calls, and the output equals eager. diffusers
+    is imported before the stand-ins go in, so it does not take them for a real torch_npu."""
+    pytest.importorskip("diffusers")
+    from difffuse.testing.tiny_models import MODELS
+
+    model, kwargs = MODELS["wan-t2v-tiny"](num_layers=1, dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(**kwargs)[0]
+    calls: list = []
+    _use(monkeypatch, npu_modules(calls), "difffuse.lowering.npu")
+    out, rep = compile_and_run(model, options={"lowering": "npu", "inductor": False}, **kwargs)
+    assert rep.matches().get("rms_norm", 0) >= 2, str(rep)
+    # the NPU has no Linear+GELU epilogue: those sites are reported, left to the graph as is
+    assert all(m.family == "linear_gelu" and "no linear_gelu kernel" in m.reason for m in rep.misses)
+    assert calls and {c[0] for c in calls} <= {"fused_variance", "fused_rsqrt_mul", "fused_scale_shift",
+                                                "npu_rotary_mul"}
+    torch.testing.assert_close(out[0], ref, rtol=1e-4, atol=1e-4)
+
+
+# ====================================================================== ROCm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rocm_rms_norm_calls_rmsnorm2d_fwd(aiter_calls, dtype):
+    m, x = _block(dtype)
+    out, rep = compile_and_run(m, x, options={"lowering": "rocm"})
+    assert rep.matches() == {"rms_norm": 1} and rep.graphs[0].lowering == "rocm"
+    assert aiter_calls == [("rmsnorm2d_fwd", [((10, 16), dtype), ((16,), dtype)], {"epsilon": pytest.approx(1e-6)})]
+    with torch.no_grad():
+        assert_close(out, m(x))
+
+
+def test_rocm_refuses_mixed_dtype_weight_and_reports_it(aiter_calls):
+    """A bf16 input normalised in fp32 and kept fp32 (an fp32 output from a bf16 input):
+    aiter writes the input's dtype, so the site stays with Inductor and the report says why."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16))
+
+        def forward(self, h):
+            return h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+    m, x = Mixed().eval(), torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    out, rep = compile_and_run(m, x, options={"lowering": "rocm"})
+    assert rep.matches() == {} and aiter_calls == []
+    assert len(rep.misses) == 1 and "rocm lowering does not take it: output dtype" in rep.misses[0].reason
+    with torch.no_grad():
+        assert out.dtype == torch.float32
+        assert_close(out, m(x))
+
+
+def test_rocm_residual_rms_norm_calls_with_add(aiter_calls):
+    """The residual RMSNorm form of norm_scale_shift (its pattern is another module's: called
+    through the IMPLS callable): rmsnorm2d_fwd_with_add, trailing args by keyword only."""
+    from difffuse.lowering import rocm
+
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    args = dict(x=torch.randn(2, L, D, dtype=bf), residual=torch.randn(2, L, D, dtype=bf), gate=None,
+                weight=torch.randn(D, dtype=bf), bias=None, scale=None, shift=None, eps=1e-5, k=1.0, is_rms=True,
+                residual_dtype=bf, out_dtype=bf)
+    assert rocm.supports("norm_scale_shift", _site(**args)) is None
+    out, r = rocm.IMPLS["norm_scale_shift"](**args)
+    ref_out, ref_r = ops.norm_scale_shift_ref(**args)
+    assert torch.equal(r, ref_r)
+    assert_close(out, ref_out)
+    (fn, sig, consts), = aiter_calls
+    assert fn == "rmsnorm2d_fwd_with_add" and consts == {"epsilon": 1e-5}
+    assert sig == [((2 * L, D), bf)] * 4 + [((D,), bf)]
+    for change, why in [({"is_rms": False}, "LayerNorm"), ({"scale": torch.randn(1, 1, D)}, "scale"),
+                        ({"residual_dtype": torch.float32}, "mixed dtypes"), ({"residual": None}, "no residual")]:
+        assert why in rocm.supports("norm_scale_shift", _site(**{**args, **change}))
+    for family in ("scale_shift", "qk_norm_rope"):
+        assert "no aiter kernel" in rocm.supports(family, {})
+
+
+@pytest.mark.parametrize("installed", ["absent", "pypi_aiter"])
+def test_rocm_missing_aiter_warns_once_and_falls_back(monkeypatch, caplog, installed):
+    """No aiter, or PyPI's unrelated `aiter` (async iterators): one WARNING, plain Inductor."""
+    _use(monkeypatch, {"aiter": None if installed == "absent" else types.ModuleType("aiter")},
+         "difffuse.lowering.rocm")
+    m, x = _block()
+    with caplog.at_level(logging.WARNING, logger="difffuse"):
+        for _ in range(2):
+            out, rep = compile_and_run(m, x, options={"lowering": "rocm"})
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "aiter" in warnings[0] and "falling back to inductor" in warnings[0]
+    assert rep.graphs[0].lowering == "inductor" and rep.matches() == {}
+    assert_close(out, m(x))
+
+
+# ====================================================================== MUSA, detection
+def test_musa_detected_means_plain_inductor(monkeypatch):
+    monkeypatch.setattr(backend, "detect_from_tensors", lambda values: "musa")
+    monkeypatch.setattr(pass_manager, "detect_device", lambda graph: "musa")
+    m, x = _block()
+    out, rep = compile_and_run(m, x, options={"lowering": "auto"})
+    assert rep.matches() == {} and rep.graphs[0].lowering == "musa"
+    assert "musa: no rewrite, plain Inductor" in rep.graphs[0].notes
+    assert_close(out, m(x))
+
+
+def test_device_detection(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert device.device_of_tensor_type("cuda") == "cuda"
+    assert [device.device_of_tensor_type(t) for t in ("npu", "musa", "cpu", "xpu")] == [
+        "npu", "musa", "inductor", "inductor"]
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert device.device_of_tensor_type("cuda") == "rocm"
+    meta = [torch.empty(2, device="meta"), torch.empty(2)]
+    assert device.detect_from_tensors(meta) == "inductor"
