@@ -80,7 +80,7 @@ def norm_scale_shift_ref(
     (LayerNorm, or RMSNorm if is_rms) [* weight] [+ bias];
     out = n * (k + scale) + shift. Returns (out as out_dtype, r)."""
     if residual is None:
-        r = x.to(residual_dtype)
+        r = x.to(residual_dtype, copy=True)  # an op output may not alias an input
     else:
         xs = _f32(x) if gate is None else _f32(x) * _f32(gate)
         r = (_f32(residual) + xs).to(residual_dtype)
