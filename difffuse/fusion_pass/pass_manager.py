@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import stable_topological_sort
 
 from .. import __version__
 from ..lowering import load_lowering
@@ -112,13 +113,17 @@ class DifffusePass(CustomGraphPass):
         try:
             for family in self._families(families, module):
                 _family_pass(family).apply(graph)
+                # a two-output match is inserted before its first output, which can precede
+                # the definition of an input (e.g. a modulation chunk): restore the order
+                stable_topological_sort(graph)
             graph.eliminate_dead_code()
             graph.lint()
         except Exception as exc:  # never break a user's compile
             restore(graph, snap)
             rec.matches.clear()
             rec.variants.clear()
-            msg = f"pass failed in {family}: {type(exc).__name__}: {exc}; graph left to plain Inductor"
+            err = str(exc).splitlines()[0][:300] if str(exc) else ""
+            msg = f"pass failed in {family}: {type(exc).__name__}: {err}; graph left to plain Inductor"
             rec.notes.append(msg)
             log.warning("difffuse: %s", msg)
             return

@@ -27,7 +27,7 @@ from torch._inductor.pattern_matcher import CallFunction, KeywordArg, MultiOutpu
 from .common import CONVERT, Family, Variant, aten, cast, is_last_dim_vector, is_number, val
 from .rms_norm import ADD_EPS, rms_core
 
-RESIDUALS = ("none", "gate_xg", "gate_gx", "one")
+RESIDUALS = ("gate_xg", "gate_gx", "one", "none")  # larger first: the first match wins
 ROUNDINGS = ("direct", "cast", "roundtrip")
 
 
