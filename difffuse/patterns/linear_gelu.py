@@ -90,9 +90,17 @@ class LinearGeluPattern(Family):
         return found
 
     def replace(self, match, variant, site, ctx):
-        op, out_dtype, shape = ctx.impl(self.name), site["out_dtype"], site["shape"]
-        match.replace_by_example(lambda x, w, b: op(x, w, b, out_dtype).reshape(shape),
-                                 [site["x"], site["weight"], site["bias"]])
+        op, out_dtype, shape = ctx.impl(self.name), site["out_dtype"], list(site["shape"])
+        # symbolic dims of the output shape are graph nodes: pass them in as SymInt inputs
+        sym = [i for i, s in enumerate(shape) if isinstance(s, torch.fx.Node)]
+
+        def fused(x, w, b, *dims):
+            full = list(shape)
+            for i, d in zip(sym, dims):
+                full[i] = d
+            return op(x, w, b, out_dtype).reshape(full)
+
+        match.replace_by_example(fused, [site["x"], site["weight"], site["bias"]] + [shape[i] for i in sym])
 
 
 FAMILY = LinearGeluPattern()
