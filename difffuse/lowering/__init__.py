@@ -39,8 +39,12 @@ def load_lowering(name: str) -> tuple[str, Optional[ModuleType]]:
     except ImportError as exc:
         if name not in _warned:
             _warned.add(name)
-            log.warning("difffuse: lowering %r needs %s (%s); falling back to %s",
-                        name, package or module_name, exc, fallback)
+            if isinstance(exc, ModuleNotFoundError) and exc.name == module_name:
+                log.warning("difffuse: the %r lowering is not part of this difffuse build; falling back to %s",
+                            name, fallback)
+            else:
+                log.warning("difffuse: lowering %r needs %s (%s); falling back to %s",
+                            name, package or module_name, exc, fallback)
         if fallback is None:
             raise
         return load_lowering(fallback)
