@@ -29,9 +29,7 @@ def expected(model: str, regional: bool, n: int) -> dict:
     """
     rms = 3 if model == "wan-i2v-tiny" else 2
     if regional:
-        # TI2V's gate is per token ([B, L, D]): `c + a*b` of two full-size tensors is left to Inductor
-        gated = {} if model == "wan-ti2v-tiny" else {"scale_shift": 1}
-        return {"qk_norm_rope": 2, "rms_norm": rms, "norm_scale_shift": 3, "linear_gelu": 1, **gated}
+        return {"qk_norm_rope": 2, "rms_norm": rms, "norm_scale_shift": 3, "linear_gelu": 1, "scale_shift": 1}
     return {"qk_norm_rope": 2 * n, "rms_norm": rms * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n + 1}
 
 

@@ -1,18 +1,47 @@
-"""qk_norm_rope: RMSNorm of q (or k) across heads, then interleaved rotary embedding.
+"""qk_norm_rope: RMSNorm of q (or k) followed by a rotary embedding, in one op call.
 
-    x[B,L,H*D] ─ rms_norm(w, eps) (casts as written) ─ reshape [B,L,H,D] ─ reshape [...,D/2,2] ─ unbind(-1)
-    x1, x2;  c = cos[..., 0::2], s = sin[..., 1::2]
-    out = empty_like; out[..., 0::2] = x1*c - x2*s; out[..., 1::2] = x1*s + x2*c
-        (aten: empty → slice → mul/sub → copy → slice_scatter, twice)
-      ==>  difffuse::qk_norm_rope(x, w, cos, sin, eps, H, across_heads=True, interleaved=True, out.dtype)
+    x ─ RMSNorm(last dim, eps, w)  ─ (view [.., H*D] → [.., H, D])? ─ r ─ rope(r, cos, sin) ─▶ out [.., H, D]
+      ==>  difffuse::qk_norm_rope(x, w, cos, sin, eps, H, across_heads, interleaved, out_dtype)
 
-This is diffusers' Wan attention processor (norm_q/norm_k = nn.RMSNorm over H*D, then
-`apply_rotary_emb` with strided writes). The output is [B, L, H, D]; the permute to the
-attention layout stays in the graph. Not matched (checked): a rope whose slices are not
-the (0::2, 1::2) pairs of the last dim, a norm over another dim, odd head_dim, a norm
-followed by anything else before the rope (then rms_norm takes the norm alone).
-Per-head norms (Flux, HunyuanVideo, LTX), the stack/unbind, neox and complex rope forms
-are not matched yet: `anchors` reports their rope sites as misses.
+The norm is any of rms_norm's own variants (its table, matched at the node that feeds the
+rope); its scope is read from the shapes: *across heads* (x is [.., H*D], viewed to
+[.., H, D] after the norm: Wan) or *per head* (x is [.., H, D]: Flux, Qwen-Image, ...).
+The rope is one of the spellings below (each a variant, dumped from torch 2.13 post-grad
+graphs, fp32 and bf16; `.float()` casts are their own variants, mixed-dtype products
+leave no cast node). The permute to [B, H, L, D] for attention stays in the graph.
+
+  wan_scatter  (diffusers WanAttnProcessor, interleaved pairs; half tables c = cos[..., 0::2], s = sin[..., 1::2])
+      x1, x2 = unbind(view(r, [.., D/2, 2]), -1);  buf = empty(r.shape)
+      ss0 = slice_scatter(buf, copy(buf[..., 0::2], x1*c - x2*s), -1, 0, ∞, 2)
+      out = slice_scatter(ss0, copy(ss0[..., 1::2], x1*s + x2*c), -1, 1, ∞, 2)
+  stack        (diffusers apply_rotary_emb, use_real_unbind_dim=-1: Flux, HunyuanVideo, LTX)
+      re, im = unbind(view(r, [.., D/2, 2]), -1);  rot = view(cat([(-im)[..., None], re[..., None]], -1), r.shape)
+      out = (r.float() * cos + rot.float() * sin).to(r.dtype)
+  neox         (use_real_unbind_dim=-2, rotate_half: CogView4, Cosmos, OmniGen)
+      a, b = unbind(view(r, [.., 2, D/2]), -2);  out = (r.float() * cos + cat([-b, a], -1).float() * sin).to(r.dtype)
+  complex      (Qwen-Image, Lumina: view_as_complex(r.float().reshape(.., D/2, 2)) * freqs_cis)
+      out = view(view_as_real(view_as_complex(view(r, [.., D/2, 2])) * f), r.shape).type_as(r)
+      ==> cos = sin = view_as_real(f).flatten(-2) in the replacement (cos[2i] = Re f_i,
+          sin[2i+1] = Im f_i: exactly the op's interleaved pair rotation).
+
+The op's interleaved math is Wan's: out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1],
+out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i]. It is exact for wan_scatter and complex
+with any tables. The stack form reads cos[2i+1] and sin[2i] too; it equals the op where
+cos/sin are pair-duplicated (cos[2i] == cos[2i+1]), which is what a rope table is
+(diffusers `get_1d_rotary_pos_embed(repeat_interleave_real=True)`); a table that is not
+pair-duplicated is not a rotary embedding, but its values cannot be checked at compile time.
+
+Checks (a false match is the worst bug): the norm reduces the last dim, eps is read from
+the match; nothing but views sits between the norm and the rope, and neither the norm
+output nor the views are used elsewhere; head_dim even; cos and sin have one shape, span
+head_dim and broadcast against [.., H, D] without enlarging it; in wan_scatter the table
+multiplied with x1 in the first output is `cos[..., 0::2]` and the other `sin[..., 1::2]`
+(swapped tables or offsets do not match). Unmatched ropes are reported by `anchors`
+(unbind over a size-2 dim, view_as_complex, a rotate_half cat) with the reason.
+Known misses: a rope whose input is not directly a norm (Flux joint attention concatenates
+the text and image q after their norms; HunyuanVideo ropes only the image tokens; partial
+rotary) and CogVideoX's LayerNorm q/k norm (not an RMSNorm; the in-place partial rope
+slices between norm and rope anyway).
 """
 from __future__ import annotations
 
@@ -20,115 +49,276 @@ import operator
 
 import torch
 from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .common import CONVERT, Family, Variant, aten, cast, val
-from .rms_norm import check_rms_core, rms_core
+from .common import CONVERT, VIEW_OPS, Family, Variant, aten, cast, is_upcast, val
+from .rms_norm import RMSNormPattern
 
-VIEWS = [aten.reshape.default, aten.view.default]
-MAXINT = 9223372036854775807
+GETITEM = operator.getitem
+INF_END = 2 ** 63 - 1
+_RMS = RMSNormPattern()
 
 
-def wan_rope(x4):
-    """The slice_scatter interleaved rope on x4 [B, L, H, D] (x4 is a pattern)."""
-    pairs = CallFunction(VIEWS, x4, KeywordArg("pair_shape"))
-    unb = CallFunction(aten.unbind.int, pairs, KeywordArg("unbind_dim"), _users=2)
-    x1 = CallFunction(operator.getitem, unb, 0, _users=2)
-    x2 = CallFunction(operator.getitem, unb, 1, _users=2)
-    c = CallFunction(aten.slice.Tensor, KeywordArg("cos"), KeywordArg("cos_dim"), 0, KeywordArg("cos_end"), 2,
-                     _users=2)
-    s = CallFunction(aten.slice.Tensor, KeywordArg("sin"), KeywordArg("sin_dim"), 1, KeywordArg("sin_end"), 2,
-                     _users=2)
-    empty = CallFunction(aten.empty.memory_format, KeywordArg("out_shape"), dtype=KeywordArg("out_dtype"),
-                         layout=Ignored(), device=Ignored(), pin_memory=Ignored(), _users=2)
-    even = CallFunction(aten.sub.Tensor, CallFunction(aten.mul.Tensor, x1, c), CallFunction(aten.mul.Tensor, x2, s))
-    odd = CallFunction(aten.add.Tensor, CallFunction(aten.mul.Tensor, x1, s), CallFunction(aten.mul.Tensor, x2, c))
-    dst0 = CallFunction(aten.slice.Tensor, empty, KeywordArg("d0"), 0, KeywordArg("e0"), 2)
-    s0 = CallFunction(aten.slice_scatter.default, empty, CallFunction(aten.copy.default, dst0, even),
-                      KeywordArg("d1"), 0, KeywordArg("e1"), 2, _users=2)
-    dst1 = CallFunction(aten.slice.Tensor, s0, KeywordArg("d2"), 1, KeywordArg("e2"), 2)
-    return CallFunction(aten.slice_scatter.default, s0, CallFunction(aten.copy.default, dst1, odd),
-                        KeywordArg("d3"), 1, KeywordArg("e3"), 2)
+def view(p, users: int = 1):
+    return CallFunction(list(VIEW_OPS), p, Ignored(), _users=users)
+
+
+def mul(a, b):
+    return CallFunction(aten.mul.Tensor, a, b)
+
+
+def maybe_cast(p, on: bool):
+    return cast(p) if on else p
+
+
+def pairs(r, dim: str):
+    """(first, second) = unbind(view(r, [..., D/2, 2] or [..., 2, D/2]), dim)."""
+    unb = CallFunction(aten.unbind.int, view(r), KeywordArg(dim), _users=2)
+    return unb, CallFunction(GETITEM, unb, 0, _users=2), CallFunction(GETITEM, unb, 1, _users=2)
+
+
+def wan_scatter():
+    """diffusers WanAttnProcessor.apply_rotary_emb: strided writes into empty_like(r)."""
+    r, c, s, buf = KeywordArg("r"), KeywordArg("c"), KeywordArg("s"), KeywordArg("buf")
+    _, x1, x2 = pairs(r, "unbind_dim")
+    even = CallFunction(aten.sub.Tensor, mul(x1, c), mul(x2, s))
+    odd = CallFunction(aten.add.Tensor, mul(x1, s), mul(x2, c))
+    dim, end = KeywordArg("dim"), KeywordArg("end")
+    copy0 = CallFunction(aten.copy.default, CallFunction(aten.slice.Tensor, buf, dim, 0, end, 2), even)
+    ss0 = CallFunction(aten.slice_scatter.default, buf, copy0, dim, 0, end, 2, _users=2)
+    copy1 = CallFunction(aten.copy.default, CallFunction(aten.slice.Tensor, ss0, dim, 1, end, 2), odd)
+    return CallFunction(aten.slice_scatter.default, ss0, copy1, dim, 1, end, 2)
+
+
+def real_rope(form: str, casts: bool):
+    """out = (r.float() * cos + rotate(r).float() * sin).to(r.dtype); rotate by pairs (stack) or halves (neox)."""
+    r = KeywordArg("r")
+    unb = CallFunction(aten.unbind.int, view(r), KeywordArg("unbind_dim"), _users=2)
+    first, second = CallFunction(GETITEM, unb, 0), CallFunction(GETITEM, unb, 1)
+    neg = CallFunction(aten.neg.default, second)
+    if form == "stack":
+        u = KeywordArg("u_dim")
+        cat = CallFunction(aten.cat.default, [CallFunction(aten.unsqueeze.default, neg, u),
+                                              CallFunction(aten.unsqueeze.default, first, u)], KeywordArg("cat_dim"))
+        rot = view(cat)
+    else:
+        rot = CallFunction(aten.cat.default, [neg, first], KeywordArg("cat_dim"))
+    out = CallFunction(aten.add.Tensor, mul(maybe_cast(r, casts), KeywordArg("cos")),
+                       mul(maybe_cast(rot, casts), KeywordArg("sin")))
+    return maybe_cast(out, casts)
+
+
+def complex_rope(casts: bool):
+    """view_as_real(view_as_complex(r.float().reshape(.., D/2, 2)) * freqs).flatten(3).type_as(r)."""
+    xc = CallFunction(aten.view_as_complex.default, view(maybe_cast(KeywordArg("r"), casts)))
+    out = view(CallFunction(aten.view_as_real.default, mul(xc, KeywordArg("freqs"))))
+    return maybe_cast(out, casts)
+
+
+# --------------------------------------------------------------------- shape helpers
+def _eq(a, b) -> bool:
+    return statically_known_true(a == b)
+
+
+def _same(s1, s2) -> bool:
+    return len(s1) == len(s2) and all(_eq(a, b) for a, b in zip(s1, s2))
+
+
+def _is_last(dim, ndim: int) -> bool:
+    return dim in (-1, ndim - 1)
+
+
+def _broadcasts_into(t, shape) -> bool:
+    """t broadcasts against `shape` without enlarging it."""
+    if not isinstance(t, torch.Tensor) or t.ndim > len(shape):
+        return False
+    return all(_eq(a, 1) or _eq(a, b) for a, b in zip(reversed(t.shape), reversed(shape)))
+
+
+def _table_reason(cos, sin, shape, d, full_width: bool = True) -> str | None:
+    """cos/sin: one table shape, head_dim wide (`full_width`), broadcasting into q/k."""
+    cv, sv = val(cos), val(sin)
+    if not (isinstance(cv, torch.Tensor) and isinstance(sv, torch.Tensor)):
+        return "cos/sin are not tensors"
+    if not _same(cv.shape, sv.shape):
+        return f"cos {tuple(cv.shape)} and sin {tuple(sv.shape)} are not one position table shape"
+    if full_width and not _eq(cv.shape[-1], d):
+        return f"cos/sin last dim {cv.shape[-1]} is not head_dim {d}"
+    if not _broadcasts_into(cv, (*shape[:-1], cv.shape[-1])):
+        return f"cos/sin {tuple(cv.shape)} do not broadcast into q/k {tuple(shape)}"
+    return None
+
+
+def _half_table(node, start: int):
+    """`table[..., start::2]` over the last dim -> table, else None."""
+    if not (isinstance(node, torch.fx.Node) and node.target == aten.slice.Tensor):
+        return None
+    t = val(node.args[0])
+    args = list(node.args) + [0, None, INF_END, 1][len(node.args) - 1:]
+    _, dim, st, end, step = args[:5]
+    if not isinstance(t, torch.Tensor) or not _is_last(dim, t.ndim) or st != start or step != 2:
+        return None
+    if end is not None and not (end == INF_END or (isinstance(end, int) and end >= t.shape[-1])):
+        return None
+    return node.args[0]
 
 
 class QKNormRopePattern(Family):
     name = "qk_norm_rope"
 
-    def variants(self):
-        out = []
-        for x_cast, tail in (("both", "w_cast"), ("none", "w"), ("both", "w"), ("none", "w_cast")):
-            x = KeywordArg("x")
-            n = rms_core(cast(x, users=2) if x_cast == "both" else x, "pow", "mean", "x_r")
-            n = CallFunction(aten.mul.Tensor, n, KeywordArg("weight"))
-            if tail == "w_cast":
-                n = cast(n)
-            x4 = CallFunction(VIEWS, n, KeywordArg("head_shape"))
-            out.append(Variant(f"across_heads/cast_{x_cast}/{tail}/wan_interleaved", wan_rope(x4),
-                               {"x_cast": x_cast}))
+    def variants(self) -> list[Variant]:
+        out = [Variant("wan_scatter", wan_scatter(), {"form": "wan", "casts": False})]
+        for form in ("stack", "neox", "complex"):
+            for casts in (True, False):
+                p = complex_rope(casts) if form == "complex" else real_rope(form, casts)
+                out.append(Variant(form + ("/float" if casts else ""), p, {"form": form, "casts": casts}))
         return out
 
+    # ------------------------------------------------------------------ misses
     def anchor_of(self, match):
-        return next((n for n in match.nodes if n.target == aten.unbind.int), None)
+        return next((n for n in match.nodes if n.target in (aten.unbind.int, aten.view_as_complex.default)), None)
 
     def anchors(self, graph):
-        """Rope sites left: unbind of interleaved pairs, and complex-form ropes."""
         found = []
         for n in graph.find_nodes(op="call_function", target=aten.unbind.int):
-            v = val(n.args[0])
-            dim = n.args[1] if len(n.args) > 1 else 0
-            if isinstance(v, torch.Tensor) and v.ndim >= 3 and dim in (-1, v.ndim - 1) and v.shape[-1] == 2:
+            t, dim = val(n.args[0]), (n.args[1] if len(n.args) > 1 else 0)
+            if isinstance(t, torch.Tensor) and t.ndim >= 2 and dim in (-1, -2, t.ndim - 1, t.ndim - 2) \
+                    and _eq(t.shape[dim], 2):
                 found.append(n)
-        found += list(graph.find_nodes(op="call_function", target=aten.view_as_complex.default))
+        found += graph.find_nodes(op="call_function", target=aten.view_as_complex.default)
+        for n in graph.find_nodes(op="call_function", target=aten.cat.default):  # rotate_half by slicing
+            parts = n.args[0]
+            if (len(parts) == 2 and all(isinstance(p, torch.fx.Node) for p in parts)
+                    and parts[0].target == aten.neg.default and isinstance(parts[0].args[0], torch.fx.Node)
+                    and parts[0].args[0].target == aten.slice.Tensor and parts[1].target == aten.slice.Tensor
+                    and parts[0].args[0].args[0] is parts[1].args[0]):
+                found.append(n)
         return found
 
+    # ------------------------------------------------------------------ check
     def check(self, match, variant):
-        kw = match.kwargs
-        x = kw["x"]
-        upcast = next((n for n in match.nodes if n.target == CONVERT and n.args[0] is x), None)
-        site = check_rms_core(match, x, upcast if variant.info["x_cast"] != "none" else None)
-        if isinstance(site, str):
-            return site
-        xv = val(x)
-        head_shape = [int(s) if not isinstance(s, torch.SymInt) else s for s in kw["head_shape"]]
-        x4 = next(n for n in match.nodes if n.target in VIEWS and n.args[1] is kw["head_shape"])
-        v4 = val(x4)
-        if v4.ndim != xv.ndim + 1 or tuple(v4.shape[:-2]) != tuple(xv.shape[:-1]):
-            return f"the norm output {tuple(xv.shape)} is not split into heads as [..., H, D]"
-        heads, head_dim = v4.shape[-2], v4.shape[-1]
-        if head_dim % 2:
-            return f"odd head_dim {head_dim}"
-        last = v4.ndim - 1
-        pair = val(next(n for n in match.nodes if n.target == aten.unbind.int).args[0])
-        if tuple(pair.shape) != (*v4.shape[:-1], head_dim // 2, 2) or kw["unbind_dim"] not in (-1, pair.ndim - 1):
-            return "the rope does not pair adjacent elements of head_dim"
-        for d in ("d0", "d1", "d2", "d3"):
-            if kw[d] not in (last, -1):
-                return f"rope writes along dim {kw[d]}, not head_dim"
-        for e in ("e0", "e1", "e2", "e3", "cos_end", "sin_end"):
-            if kw[e] < head_dim and kw[e] != MAXINT:
-                return "rope slices stop before the end of head_dim"
-        cos, sin = val(kw["cos"]), val(kw["sin"])
-        for name, t, dim in (("cos", cos, kw["cos_dim"]), ("sin", sin, kw["sin_dim"])):
-            if not isinstance(t, torch.Tensor) or dim not in (t.ndim - 1, -1) or t.shape[-1] != head_dim:
-                return f"the {name} table is not sliced along a head_dim-wide last dim"
-            try:
-                if torch.broadcast_shapes(t.shape, v4.shape) != v4.shape:
-                    return f"the {name} table {tuple(t.shape)} broadcasts past the heads {tuple(v4.shape)}"
-            except RuntimeError:
-                return f"the {name} table {tuple(t.shape)} does not broadcast against {tuple(v4.shape)}"
-        if tuple(kw["out_shape"]) != tuple(v4.shape):
-            return "the rope output buffer is not the heads' shape"
-        weight = kw["weight"]
-        if not (isinstance(val(weight), torch.Tensor) and tuple(val(weight).shape) in ((xv.shape[-1],),)):
-            return "the norm weight is not a vector over the normalised dim"
-        site.update(x=x, weight=weight, cos=kw["cos"], sin=kw["sin"], num_heads=int(heads), across_heads=True,
-                    interleaved=True, out_dtype=kw["out_dtype"], head_dim=int(head_dim))
-        return site
+        kw, form = match.kwargs, variant.info["form"]
+        r = kw["r"]
+        rv = val(r)
+        if not isinstance(rv, torch.Tensor) or not rv.is_floating_point() or rv.ndim < 2:
+            return "rope input is not a floating-point tensor of rank >= 2"
+        d = rv.shape[-1]
+        if not isinstance(d, int) or d % 2:
+            return f"head_dim {d} is not an even constant"
+        reason = self._rope_reason(match, variant, rv, d)
+        if isinstance(reason, str):
+            return reason
+        tables = reason
+        out = match.output_node()
+        ov = val(out)
+        if not _same(ov.shape, rv.shape):
+            return f"rope output {tuple(ov.shape)} is not shaped like its input {tuple(rv.shape)}"
+        norm = self._norm(match, r, rv)
+        if isinstance(norm, str):
+            return norm
+        norm.update(tables, out_dtype=ov.dtype, interleaved=form != "neox", form=form)
+        return norm
 
+    def _rope_reason(self, match, variant, rv, d) -> dict | str:
+        """The rope's own checks; returns the op's cos/sin (or the complex table)."""
+        kw, form, shape = match.kwargs, variant.info["form"], tuple(rv.shape)
+        nodes = {n.target: n for n in match.nodes}
+        pair = val(nodes[aten.unbind.int].args[0]) if form != "complex" else \
+            val(nodes[aten.view_as_complex.default].args[0])
+        want = (*shape[:-1], 2, d // 2) if form == "neox" else (*shape[:-1], d // 2, 2)
+        if not _same(pair.shape, want):
+            return f"pairs viewed as {tuple(pair.shape)}, not {want}"
+        if form != "complex" and kw["unbind_dim"] not in ((-2, len(want) - 2) if form == "neox" else (-1, len(want) - 1)):
+            return f"unbind over dim {kw['unbind_dim']}, not the pair dim"
+        if "cat_dim" in kw and not _is_last(kw["cat_dim"], len(shape) + (form == "stack")):
+            return f"rotated halves concatenated over dim {kw['cat_dim']}, not the last"
+        if "u_dim" in kw and not _is_last(kw["u_dim"], len(shape) + 1):
+            return f"pairs stacked over dim {kw['u_dim']}, not the last"
+        if variant.info["casts"]:
+            ups = [n for n in match.nodes if n.target == CONVERT and n is not match.output_node()]
+            if not all(is_upcast(n) and n.args[1] == torch.float32 for n in ups):
+                return "the rope computes in a narrower dtype than fp32 (.float() is not an upcast)"
+        if form == "wan":
+            buf = kw["buf"]
+            if buf.target not in (aten.empty.memory_format, aten.empty_like.default) or len(buf.users) != 2:
+                return "the pair writes do not go into a fresh empty buffer"
+            if not _same(val(buf).shape, shape) or not _is_last(kw["dim"], len(shape)):
+                return "the strided writes do not cover the last dim of an [.., H, D] buffer"
+            if kw["end"] != INF_END and kw["end"] < d:
+                return f"strided writes end at {kw['end']} < head_dim {d}"
+            cos, sin = _half_table(kw["c"], 0), _half_table(kw["s"], 1)
+            if cos is None or sin is None:
+                return ("x1 is not multiplied by cos[..., 0::2] and sin[..., 1::2] as a rope does "
+                        "(sin/cos swapped or not strided halves of full-width tables)")
+            half = (*shape[:-1], d // 2)  # the op reads only these halves; a symbolic table width is fine
+            if not all(_eq(val(kw[k]).shape[-1], d // 2) and _broadcasts_into(val(kw[k]), half) for k in "cs"):
+                return "cos/sin halves do not broadcast into q/k pairs"
+        elif form == "complex":
+            f = val(kw["freqs"])
+            if not (isinstance(f, torch.Tensor) and f.is_complex()):
+                return "the complex rope factor is not a complex tensor"
+            if not _eq(f.shape[-1], d // 2) or not _broadcasts_into(f, pair.shape[:-1]):
+                return f"complex table {tuple(f.shape)} does not broadcast into q/k pairs {tuple(pair.shape[:-1])}"
+            table = torch.view_as_real(f).flatten(-2)  # what the replacement passes as cos and sin
+            return {"cos": table, "sin": table, "freqs": kw["freqs"]}
+        else:
+            cos, sin = kw["cos"], kw["sin"]
+        reason = _table_reason(cos, sin, shape, d, full_width=form != "wan")
+        return reason if reason else {"cos": cos, "sin": sin}
+
+    def _norm(self, match, r, rv) -> dict | str:
+        """Walk r back through views to an RMSNorm (one of rms_norm's variants) used only here."""
+        if any(u not in match.nodes for u in r.users):
+            return "the rope input is also used outside the rope"
+        chain, n = [], r
+        while n.target in VIEW_OPS:
+            chain.append(n)
+            n = n.args[0]
+            if len(n.users) != 1:
+                return "the normalised q/k is also used outside the rope"
+        norm_out = n
+        for variant in _RMS.variants():
+            m = variant.pattern.match(norm_out)
+            if not m:
+                continue
+            site = _RMS.check(m, variant)
+            if isinstance(site, str):
+                return f"norm before the rope not fused: {site}"
+            break
+        else:
+            return "the rope input is not an RMSNorm output (something else sits between norm and rope)"
+        xv, d = val(site["x"]), rv.shape[-1]
+        if _same(xv.shape, rv.shape):
+            across, heads = False, rv.shape[-2]
+        elif _same(xv.shape[:-1], rv.shape[:-2]) and _eq(xv.shape[-1], rv.shape[-2] * d):
+            across, heads = True, rv.shape[-2]
+        else:
+            return f"norm over {tuple(xv.shape)} is neither per head nor across heads of q/k {tuple(rv.shape)}"
+        if not isinstance(heads, int):
+            return f"number of heads {heads} is not a constant"
+        dead = chain + list(reversed(m.nodes))
+        return {"x": site["x"], "weight": site["weight"], "eps": site["eps"], "num_heads": heads,
+                "across_heads": across, "head_dim": d, "norm_nodes": dead}
+
+    # ------------------------------------------------------------------ replace
     def replace(self, match, variant, site, ctx):
         op = ctx.impl(self.name)
-        consts = (site["eps"], site["num_heads"], True, True, site["out_dtype"])
-        match.replace_by_example(lambda x, w, c, s: op(x, w, c, s, *consts),
-                                 [site["x"], site["weight"], site["cos"], site["sin"]])
+        consts = (site["eps"], site["num_heads"], site["across_heads"], site["interleaved"], site["out_dtype"])
+        w = site["weight"]
+        if site["form"] == "complex":
+            def fused(x, f, *w):
+                t = torch.view_as_real(f).flatten(-2)
+                return op(x, w[0] if w else None, t, t, *consts)
+            args = [site["x"], site["freqs"]]
+        else:
+            def fused(x, c, s, *w):
+                return op(x, w[0] if w else None, c, s, *consts)
+            args = [site["x"], site["cos"], site["sin"]]
+        match.replace_by_example(fused, args + ([w] if w is not None else []))
+        graph = match.graph
+        for n in site["norm_nodes"]:  # the norm now feeds nothing: drop it before rms_norm sees it
+            if not n._erased and not n.users:
+                graph.erase_node(n)
 
 
 FAMILY = QKNormRopePattern()

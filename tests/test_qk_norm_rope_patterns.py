@@ -1,0 +1,264 @@
+"""qk_norm_rope: RMSNorm of q/k + rope, in every rope spelling diffusers uses, fuses into one
+op per q and per k and matches eager; near-misses don't fuse; the tiny Wan T2V fuses the
+self-attention q and k of every block."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import assert_close, compile_and_run
+
+B, L, H, D = 2, 7, 3, 8  # odd sequence and head counts
+
+
+# ----------------------------------------------------------------- the spellings (diffusers math)
+def diffusers_rms(x, w, eps=1e-6):
+    """diffusers.models.normalization.RMSNorm.forward."""
+    dtype = x.dtype
+    var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(var + eps)
+    x = x.to(w.dtype) if w.dtype in (torch.float16, torch.bfloat16) else x.to(dtype)
+    return x * w
+
+
+def rope_wan(h, freqs_cos, freqs_sin):
+    """diffusers WanAttnProcessor's apply_rotary_emb."""
+    x1, x2 = h.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(h)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(h)
+
+
+def rope_real(x, freqs, unbind_dim=-1):
+    """diffusers.models.embeddings.apply_rotary_emb(use_real=True, sequence_dim=1)."""
+    cos, sin = freqs
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    if unbind_dim == -1:  # Flux, HunyuanVideo
+        x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    else:  # CogView4, Cosmos (neox halves)
+        x_real, x_imag = x.reshape(*x.shape[:-1], 2, -1).unbind(-2)
+        x_rotated = torch.cat([-x_imag, x_real], dim=-1)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def rope_complex(x, freqs_cis):
+    """diffusers apply_rotary_emb_qwen(use_real=False)."""
+    x_rotated = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    x_out = torch.view_as_real(x_rotated * freqs_cis.unsqueeze(1)).flatten(3)
+    return x_out.type_as(x)
+
+
+ROPES = {
+    "wan_scatter": lambda m, q, t: rope_wan(q, t[0][None, :, None], t[1][None, :, None]),
+    "stack": lambda m, q, t: rope_real(q, t[:2], -1),
+    "neox": lambda m, q, t: rope_real(q, t[:2], -2),
+    "complex": lambda m, q, t: rope_complex(q, t[2]),
+}
+
+
+def tables(seq=L, d=D):
+    """cos/sin full-width (pair-duplicated) fp32 tables built in fp64, and the complex one."""
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float64), 1.0 / 10000 ** (torch.arange(0, d, 2) / d))
+    cos = freqs.cos().repeat_interleave(2, -1).float()
+    sin = freqs.sin().repeat_interleave(2, -1).float()
+    return cos, sin, torch.polar(torch.ones_like(freqs), freqs).to(torch.complex64)
+
+
+class DiffusersRMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return diffusers_rms(x, self.weight, self.eps)
+
+
+class Attn(nn.Module):
+    """q/k projections -> RMSNorm (across heads like Wan, or per head like Flux) -> rope ->
+    [B, H, L, D] for attention. `rope(m, q, tables)` and `norm(m, q, w)` are swappable."""
+
+    def __init__(self, rope, across=True, norm=None, heads=H, head_dim=D, dtype=torch.float32):
+        super().__init__()
+        self.rope, self.across, self.heads = rope, across, heads
+        dim = heads * head_dim
+        self.to_q, self.to_k = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        if across:  # Wan: torch.nn.RMSNorm over heads * head_dim
+            self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-5)
+        else:  # Flux: diffusers RMSNorm over head_dim
+            self.norm_q, self.norm_k = DiffusersRMSNorm(head_dim), DiffusersRMSNorm(head_dim)
+        with torch.no_grad():
+            for n in (self.norm_q, self.norm_k):
+                n.weight.normal_()
+        self.norm = norm
+        self.to(dtype)
+
+    def _qk(self, h, proj, norm, t):
+        x = proj(h)
+        if self.norm is not None:
+            x = self.norm(self, x, norm)
+        elif self.across:
+            x = norm(x).unflatten(2, (self.heads, -1))
+        else:
+            x = norm(x.unflatten(2, (self.heads, -1)))
+        return self.rope(self, x, t).transpose(1, 2)
+
+    def forward(self, h, cos, sin, freqs_cis):
+        t = (cos, sin, freqs_cis)
+        return self._qk(h, self.to_q, self.norm_q, t), self._qk(h, self.to_k, self.norm_k, t)
+
+
+def run(m, dtype=torch.float32, seq=L, d=D, heads=H, **kw):
+    torch.manual_seed(1)
+    args = (torch.randn(B, seq, heads * d, dtype=dtype), *tables(seq, d))
+    with torch.no_grad():
+        ref = m(*args)
+    out, rep = compile_and_run(m, *args, **kw)
+    return ref, out, rep
+
+
+# ----------------------------------------------------------------- every form fuses, q and k
+CASES = [(r, a, torch.float32) for r in ROPES for a in (True, False)] + \
+        [(r, a, torch.bfloat16) for r, a in (("wan_scatter", True), ("stack", False), ("neox", False),
+                                             ("complex", False))]
+
+
+@pytest.mark.parametrize("rope,across,dtype", CASES,
+                         ids=[f"{r}-{'across' if a else 'per_head'}-{str(d)[6:]}" for r, a, d in CASES])
+def test_form_fuses_q_and_k(rope, across, dtype):
+    torch.manual_seed(0)
+    m = Attn(ROPES[rope], across=across, dtype=dtype).eval()
+    ref, out, rep = run(m, dtype)
+    cast = "/float" if dtype != torch.float32 and rope != "wan_scatter" else ""
+    assert rep.variants() == {f"qk_norm_rope:{rope}{cast}": 2}, rep.variants()  # norms consumed too
+    assert rep.misses == [], rep.misses
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape == (B, H, L, D)
+        assert_close(o.float(), r.float(), dtype)
+
+
+def test_wan_form_dynamic_shapes_and_no_weight():
+    """Symbolic batch/sequence; F.rms_norm without a weight is still the norm."""
+    m = Attn(ROPES["wan_scatter"],
+             norm=lambda m, x, n: F.rms_norm(x, (x.shape[-1],), None, 1e-6).unflatten(2, (m.heads, -1))).eval()
+    ref, out, rep = run(m, dynamic=True)
+    assert rep.variants() == {"qk_norm_rope:wan_scatter": 2}
+    for o, r in zip(out, ref):
+        assert_close(o, r)
+
+
+def test_odd_heads_long_head_dim():
+    m = Attn(ROPES["stack"], across=False, heads=5, head_dim=6).eval()
+    ref, out, rep = run(m, heads=5, d=6, seq=3)
+    assert rep.matches() == {"qk_norm_rope": 2}
+    for o, r in zip(out, ref):
+        assert_close(o, r)
+
+
+def rope_ltx(x, freqs):
+    """diffusers LTX apply_rotary_emb: rope over the flat [B, S, H*D] q (norm across heads)."""
+    cos, sin = freqs
+    x_real, x_imag = x.unflatten(2, (-1, 2)).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(2)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def test_ltx_flat_rope_fuses_exactly():
+    """LTX ropes q before the head split: fused as one row of H*D (the op's per-head path
+    with head_dim = H*D); the values stay exact."""
+    m = Attn(lambda m, q, t: rope_ltx(q, (t[0].repeat(1, H)[None], t[1].repeat(1, H)[None])),
+             norm=lambda m, x, n: n(x)).eval()
+    ref, out, rep = run(m)
+    assert rep.variants() == {"qk_norm_rope:stack": 2}
+    for o, r in zip(out, ref):
+        assert_close(o, r)
+
+
+# ----------------------------------------------------------------- near-misses
+def rope_wan_swapped(h, freqs_cos, freqs_sin):
+    """sin where cos belongs: a different rotation, not a rope of these tables."""
+    x1, x2 = h.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(h)
+    out[..., 0::2] = x1 * sin - x2 * cos
+    out[..., 1::2] = x1 * cos + x2 * sin
+    return out
+
+
+def rope_wan_offset(h, freqs_cos, freqs_sin):
+    """cos read at the odd positions: not Wan's pair rotation of the table."""
+    x1, x2 = h.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 1::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(h)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
+
+
+def norm_dim1(m, x, n):
+    """'RMSNorm' over the sequence dim, not the last."""
+    return (x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-6) * n.weight).unflatten(2, (m.heads, -1))
+
+
+def partial_rope(m, q, t):
+    """odd head_dim 9: rope on the first 8 dims only (a slice between norm and rope)."""
+    return torch.cat([rope_real(q[..., :8], (t[0][:, :8], t[1][:, :8]), -1), q[..., 8:]], dim=-1)
+
+
+NEAR_MISSES = {
+    # name: (module kwargs, rope spots left in the graph per q/k, rms_norm matches)
+    "sin_cos_swapped": (dict(rope=lambda m, q, t: rope_wan_swapped(q, t[0][None, :, None], t[1][None, :, None])),
+                        2, 2),
+    "cos_odd_offset": (dict(rope=lambda m, q, t: rope_wan_offset(q, t[0][None, :, None], t[1][None, :, None])),
+                       2, 2),
+    "cos_sin_different_tables": (dict(rope=lambda m, q, t: rope_real(q, (t[0], t[1][:1]))),
+                                 2, 2),
+    "norm_over_non_last_dim": (dict(rope=ROPES["wan_scatter"], norm=norm_dim1), 2, 0),
+    "norm_then_scale_then_rope": (dict(rope=ROPES["stack"], across=False,
+                                       norm=lambda m, x, n: n(x.unflatten(2, (m.heads, -1))) * 0.5), 2, 2),
+    "norm_then_gelu_then_rope": (dict(rope=ROPES["complex"],
+                                      norm=lambda m, x, n: F.gelu(n(x)).unflatten(2, (m.heads, -1))), 2, 2),
+    "norm_output_used_twice": (dict(rope=lambda m, q, t: ROPES["stack"](m, q, t) + q, across=False), 2, 2),
+    "odd_head_dim_partial_rope": (dict(rope=partial_rope, across=False, head_dim=9), 2, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
+def test_near_miss_does_not_fuse(name):
+    kwargs, rope_misses, rms = NEAR_MISSES[name]
+    torch.manual_seed(0)
+    m = Attn(**kwargs).eval()
+    ref, out, rep = run(m, d=kwargs.get("head_dim", D))
+    assert rep.matches().get("qk_norm_rope", 0) == 0, rep.variants()
+    assert rep.matches().get("rms_norm", 0) == rms, rep.variants()  # the norm alone still fuses
+    misses = [x for x in rep.misses if x.family == "qk_norm_rope"]
+    assert len(misses) == rope_misses, rep.misses  # the rope is reported, with its reason
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+def test_miss_reasons_name_the_problem():
+    m = Attn(NEAR_MISSES["sin_cos_swapped"][0]["rope"]).eval()
+    _, _, rep = run(m)
+    reasons = {x.reason for x in rep.misses if x.family == "qk_norm_rope"}
+    assert reasons and all("sin/cos swapped" in r for r in reasons), reasons
+
+
+# ----------------------------------------------------------------- tiny Wan T2V
+def test_tiny_wan_t2v_self_attention_fuses():
+    pytest.importorskip("diffusers")
+    from difffuse.testing.tiny_models import wan_t2v
+
+    model, kwargs = wan_t2v(num_layers=2)
+    with torch.no_grad():
+        ref = model(**kwargs)[0]
+    out, rep = compile_and_run(model, options={"inductor": False}, **kwargs)  # the rewrite, run eagerly
+    assert rep.variants()["qk_norm_rope:wan_scatter"] == 4  # q and k of each of the 2 blocks
+    assert rep.matches()["qk_norm_rope"] == 4
+    assert [x for x in rep.misses if x.family == "qk_norm_rope"] == []
+    torch.testing.assert_close(out[0], ref, rtol=5e-5, atol=5e-5)
