@@ -3,18 +3,30 @@
     r = res + x*gate | res + x | x                       (gate: tensor, the literal 1, or no residual)
         (─ convert(low) = the model's rounding of r ─)? ─ (convert fp32)?
     n = LN(r): var_mean(r,[-1]) → (r - mean) * rsqrt(var + eps)     |  RMS: r * rsqrt(mean(r²) + eps)
-        (* w)? (+ b)?
+        (* w)? (+ b)? (─ convert)?
     out = n * (scale + k) + shift                                     (optional) ─ (convert)?
       ==>  out, r = difffuse::norm_scale_shift(x, res, gate, w, b, scale, shift, eps, k, is_rms,
                                                r.dtype, out.dtype)
 
+The Wan block has all three forms (diffusers transformer_wan.py):
+  norm1: `(norm1(h.float()) * (1 + scale_msa) + shift_msa).type_as(h)`      no residual
+  norm2: `h = (h.float() + attn * gate_msa).type_as(h)`; `norm2(h.float())`  gate → affine LN
+  norm3: `h = h + attn`; `(norm3(h.float()) * (1 + c_scale) + c_shift).type_as(h)`   gate 1
+and in a full-model compile a block's FFN residual `(h.float() + ff.float()*c_gate).type_as(h)`
+feeds the next block's norm1 (or norm_out), the gate → LN → modulation form.
+Rounding of r, exactly as the model does it (design §3.4): "direct" (the norm reads r as
+computed: fp32 graphs), "cast" (r in the model's dtype, the norm reads its exact upcast:
+norm3 in bf16) and "roundtrip" (r computed in fp32, rounded by `.type_as(h)`, upcast for
+the norm: norm2 and norm1-after-FFN in bf16); the op returns r in r's dtype and
+normalises that rounded value. A cast between the norm and the modulation (nn.LayerNorm
+in bf16 rounds its output before a bf16 modulation) is absorbed (the op stays in fp32).
+Exact upcasts at the inputs are not passed to the op (it computes in fp32 anyway).
 Both outputs are pattern outputs: `r` is the next residual when other nodes read it.
-Casts at the inputs stay outside the fused op (it computes in fp32 either way); the
-rounding of `r` inside the pattern is reproduced exactly (r is returned in r's dtype and
-normalised from that rounded value). eps, k and the dtypes are read from the match.
-Not matched: LN over another dim, eps outside the rsqrt, modulation before the norm,
-scale/shift/weight that broadcast the output past the normalised shape, k a tensor.
-A plain LN / RMSNorm with neither residual nor modulation is not this family.
+Not matched: LN over another dim, eps outside the rsqrt, modulation before the norm (a
+gate of the form `k + scale`), a norm that reads r narrowed or in another dtype than r
+was rounded to, a residual / x that is not full-size, scale/shift/weight that broadcast
+the output past the normalised shape, k a tensor. A plain LN / RMSNorm with neither
+residual nor modulation is not this family.
 """
 from __future__ import annotations
 
@@ -24,11 +36,14 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, MultiOutputPattern
 
-from .common import CONVERT, Family, Variant, aten, cast, is_last_dim_vector, is_number, val
+from .common import CONVERT, Family, Variant, aten, cast, is_last_dim_vector, is_number, is_upcast, val
 from .rms_norm import ADD_EPS, rms_core
+from .scale_shift import broadcast_kind, inserted, replace_marked, strip_upcast
 
 RESIDUALS = ("gate_xg", "gate_gx", "one", "none")  # larger first: the first match wins
 ROUNDINGS = ("direct", "cast", "roundtrip")
+# (modulation, cast between norm and modulation, cast at the end)
+TAILS = ((True, False, True), (True, True, False), (True, False, False), (False, False, True), (False, False, False))
 
 
 def layer_norm(nin):
@@ -40,24 +55,20 @@ def layer_norm(nin):
     return CallFunction(aten.mul.Tensor, CallFunction(aten.sub.Tensor, nin, mean), rs)
 
 
-def build(residual: str, rounding: str, norm: str, affine: str, mod: bool, out_cast: bool):
-    """One variant's pattern; returns (pattern, r_pattern or None)."""
+def build(residual: str, rounding: str, norm: str, affine: str, mod: bool, mid_cast: bool, out_cast: bool):
+    """One variant's pattern: out alone, or MultiOutputPattern([out, r])."""
     x = KeywordArg("x")
     r = None
     if residual == "none":
         nin = x
     else:
-        if residual == "one":
-            prod = x
-        elif residual == "gate_xg":
-            prod = CallFunction(aten.mul.Tensor, x, KeywordArg("gate"))
-        else:
-            prod = CallFunction(aten.mul.Tensor, KeywordArg("gate"), x)
+        prod = {"one": x, "gate_xg": CallFunction(aten.mul.Tensor, x, KeywordArg("gate")),
+                "gate_gx": CallFunction(aten.mul.Tensor, KeywordArg("gate"), x)}[residual]
         total = CallFunction(aten.add.Tensor, KeywordArg("residual"), prod)
         if rounding == "direct":
             r = nin = total
         elif rounding == "cast":
-            r, nin = total, cast(total, users=2 if norm == "ln" else 2)
+            r, nin = total, cast(total, users=2)  # both LN (var_mean, sub) and RMS (pow, mul) read it twice
         else:
             r = cast(total)
             nin = cast(r, users=2)
@@ -66,13 +77,15 @@ def build(residual: str, rounding: str, norm: str, affine: str, mod: bool, out_c
         n = CallFunction(aten.mul.Tensor, n, KeywordArg("weight"))
     if "b" in affine:
         n = CallFunction(aten.add.Tensor, n, KeywordArg("bias"))
+    if mid_cast:
+        n = cast(n)
     if mod:
         n = CallFunction(aten.add.Tensor, CallFunction(
             aten.mul.Tensor, n, CallFunction(aten.add.Tensor, KeywordArg("scale"), KeywordArg("k"))),
             KeywordArg("shift"))
     if out_cast:
         n = cast(n)
-    return (MultiOutputPattern([n, r]) if r is not None else n), r
+    return MultiOutputPattern([n, r]) if r is not None else n
 
 
 class NormScaleShiftPattern(Family):
@@ -80,26 +93,30 @@ class NormScaleShiftPattern(Family):
 
     def variants(self):
         out = []
-        for residual, rounding, norm, affine, mod, out_cast in itertools.product(
-                RESIDUALS, ROUNDINGS, ("ln", "rms"), ("", "w", "wb"), (True, False), (True, False)):
+        # the modulation tails come first: `n * (1+scale) + shift` must not be taken for an affine
+        for residual, rounding, norm, (mod, mid_cast, out_cast), affine in itertools.product(
+                RESIDUALS, ROUNDINGS, ("ln", "rms"), TAILS, ("wb", "w", "")):
             if residual == "none" and (rounding != "direct" or not mod):
                 continue  # no residual: rounding is moot; and a bare norm is not this family
             if norm == "rms" and affine == "wb":
                 continue
-            pattern, _ = build(residual, rounding, norm, affine, mod, out_cast)
-            name = "/".join([residual, rounding if residual != "none" else "-", norm, affine or "noaffine",
-                             "mod" if mod else "nomod", "cast" if out_cast else "nocast"])
+            pattern = build(residual, rounding, norm, affine, mod, mid_cast, out_cast)
+            tail = ("mod" if mod else "nomod") + ("/midcast" if mid_cast else "") + ("/cast" if out_cast else "")
+            name = "/".join([residual, rounding if residual != "none" else "-", norm, affine or "noaffine", tail])
             out.append(Variant(name, pattern, dict(residual=residual, rounding=rounding, norm=norm,
-                                                   affine=affine, mod=mod, out_cast=out_cast)))
+                                                   affine=affine, mod=mod, mid_cast=mid_cast)))
         return out
 
     def anchor_of(self, match):
-        return next((n for n in match.nodes if n.target in (aten.var_mean.correction, aten.rsqrt.default)), None)
+        # only LayerNorm sites: an RMSNorm's rsqrt is the rms_norm family's anchor
+        return next((n for n in match.nodes if n.target == aten.var_mean.correction), None)
 
     def anchors(self, graph):
         """LayerNorms (var_mean) that read a residual sum or feed a modulation."""
         found = []
         for vm in graph.find_nodes(op="call_function", target=aten.var_mean.correction):
+            if inserted(vm):
+                continue  # a lowering's own LayerNorm
             src = vm.args[0]
             while isinstance(src, torch.fx.Node) and src.target == CONVERT:
                 src = src.args[0]
@@ -117,6 +134,9 @@ class NormScaleShiftPattern(Family):
         x = val(kw["x"])
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             return "input is not a floating-point tensor"
+        for name in ("scale", "shift", "gate", "residual"):
+            if name in kw and not (isinstance(val(kw[name]), torch.Tensor) and val(kw[name]).is_floating_point()):
+                return f"{name} is not a floating-point tensor"
         nin_shape = tuple(val(r_node).shape) if r_node is not None else tuple(x.shape)
         ndim, d = len(nin_shape), nin_shape[-1]
         dims = kw["dims"]
@@ -133,19 +153,21 @@ class NormScaleShiftPattern(Family):
         for name in ("weight", "bias"):
             if name in kw and not is_last_dim_vector(kw[name], d):
                 return f"{name} of shape {tuple(val(kw[name]).shape)} is not a last-dim vector"
-        for name in ("scale", "shift", "gate", "residual"):
-            t = val(kw.get(name))
-            if name in kw and not isinstance(t, torch.Tensor):
-                return f"{name} is not a tensor"
-        if info["rounding"] == "roundtrip":
-            low = val(r_node).dtype
-            if torch.finfo(low).bits >= 32:
-                return "the residual round trip is not through a narrower dtype"
+            if name in kw and strip_upcast(kw[name]).op not in ("placeholder", "get_attr"):
+                return f"{name} is computed in the graph (a modulation?), not a parameter"
+        xn, gate = kw["x"], kw.get("gate")
+        if r_node is not None:
+            reason = _check_residual(match, info, kw, r_node, nin_shape)
+            if isinstance(reason, str):
+                return reason
+            xn, gate = reason
         r_dtype = val(r_node).dtype if r_node is not None else x.dtype
-        return dict(x=kw["x"], residual=kw.get("residual"), gate=kw.get("gate"), weight=kw.get("weight"),
-                    bias=kw.get("bias"), scale=kw.get("scale"), shift=kw.get("shift"), eps=float(kw["eps"]),
-                    k=float(kw["k"]) if info["mod"] else 0.0, is_rms=info["norm"] == "rms",
+        site = dict(x=xn, residual=kw.get("residual"), gate=gate, weight=kw.get("weight"), bias=kw.get("bias"),
+                    scale=kw.get("scale"), shift=kw.get("shift"))
+        site = {k: (strip_upcast(v) if v is not None else None) for k, v in site.items()}
+        site.update(eps=float(kw["eps"]), k=float(kw["k"]) if info["mod"] else 0.0, is_rms=info["norm"] == "rms",
                     residual_dtype=r_dtype, out_dtype=ov.dtype, two_outputs=r_node is not None)
+        return site
 
     def replace(self, match, variant, site, ctx):
         op = ctx.impl(self.name)
@@ -158,7 +180,39 @@ class NormScaleShiftPattern(Family):
                         t.get("scale"), t.get("shift"), *consts)
             return (out, r) if site["two_outputs"] else out
 
-        match.replace_by_example(fused, [site[n] for n in names])
+        replace_marked(match, fused, [site[n] for n in names])
+
+
+def _check_residual(match, info, kw, r_node, r_shape):
+    """The residual half's checks; returns (x, gate) — x the full-size factor — or a reason."""
+    xn, gate = kw["x"], kw.get("gate")
+    if gate is not None and tuple(val(xn).shape) != r_shape and tuple(val(gate).shape) == r_shape:
+        xn, gate = gate, xn  # `gate * x` written with the broadcast factor first
+    if tuple(val(xn).shape) != r_shape or tuple(val(kw["residual"]).shape) != r_shape:
+        return (f"residual {tuple(val(kw['residual']).shape)} / x {tuple(val(xn).shape)} are not both the "
+                f"full shape {r_shape}")
+    if any(_is_k_plus(f) for f in (xn, gate)) or any(
+            t.target == aten.mul.Tensor and any(_is_k_plus(f) for f in t.args) for t in (xn, kw["residual"])):
+        return "the sum is `shift + x*(k + scale)`: modulation before the norm, not a residual"
+    if gate is not None:
+        if broadcast_kind(val(gate).shape, r_shape) is None:
+            return f"gate {tuple(val(gate).shape)} does not broadcast as a gate against {r_shape}"
+    up = next((n for n in match.nodes if n.target == CONVERT and n.args[0] is r_node), None)
+    if info["rounding"] == "cast":
+        if not is_upcast(up):
+            return f"the norm reads r narrowed to {up.args[1]} (r is {val(r_node).dtype})"
+    if info["rounding"] == "roundtrip":
+        low, total = val(r_node).dtype, val(r_node.args[0]).dtype
+        if not (torch.finfo(low).bits < torch.finfo(total).bits):
+            return "the residual round trip is not through a narrower dtype"
+        if not is_upcast(up):
+            return f"the norm reads r converted to {up.args[1]}, not its exact upcast"
+    return xn, gate
+
+
+def _is_k_plus(node) -> bool:
+    """node is `scale + k` with a literal k (the AdaLN factor)."""
+    return isinstance(node, torch.fx.Node) and node.target == aten.add.Tensor and any(is_number(a) for a in node.args)
 
 
 def _feeds_modulation(vm: torch.fx.Node) -> bool:

@@ -1,34 +1,88 @@
 """scale_shift: AdaLN modulation and gated residuals, `out = c + a * (k + b)`.
 
-    add(c, mul(a, add(b, k)))  |  add(mul(a, add(b, k)), c)        k ≠ 0 read from the match
-    add(c, mul(a, b))          |  add(c, mul(b, a)) | add(mul(a, b), c)      k = 0: no add node
-        ─ (convert)?
+    add(c, mul(a, add(b, k)))  |  add(mul(a, add(b, k)), c)       AdaLN `x*(1+scale)+shift`, k read from the match
+    add(c, mul(a, g))  |  add(mul(a, g), c)                       gated residual `res + x*gate`, k = 0 (no add node)
+        ─ (convert)?                                              `.type_as(h)` / `.to(dtype)`
       ==>  difffuse::scale_shift(a, b, c, k, out_dtype)
 
 `a` is the full-size operand ([B, L, D], or [B, F, L/F, D] for per-frame tables); `b`
-and `c` broadcast against it as a scalar, [D], [1, 1, D], per batch [B, 1, D], per frame
-[B, F, 1, D], or (b with k ≠ 0, and c) per token [B, L, D]. With k = 0 the gate `b` must
-be a scalar, [D] or per batch and `c` the full-size residual: a product of two full-size tensors is a generic
-multiply-add and a frame-shaped one is also rope's `x1*sin + x2*cos`; those stay with
-Inductor (so a per-token gated residual, Wan 2.2 TI2V's, is not taken).
-Not matched: `c - a*(k+b)`, `(c + a)*(k+b)`, k a tensor, other broadcasts (reported).
+and `c` broadcast against it as a scalar, [D] / [1, 1, D], per batch [B, 1, D], per
+token [B, L, D] or per frame [B, F, 1, D]. Real graphs, and why each spelling is here:
+  - Wan's FFN residual `(h.float() + ff.float() * c_gate).type_as(h)` is add → convert
+    with the upcasts at the inputs; bf16 `attn * gate_msa(fp32)` is mixed-dtype with no
+    convert node at all (the product is fp32 by promotion).
+  - Exact upcasts of an input (`h.float()` of a bf16 `h`) are not passed to the op: it
+    computes in fp32 anyway, so the op reads the bf16 tensor and the fp32 copy is never
+    written (DCE drops it when nothing else reads it).
+  - A full-size or frame-shaped `b` (and a gate) must come from a modulation table: a
+    chunk/split/unbind of it, through views, squeezes and casts (Wan 2.2 TI2V's per-token
+    `(table + temb).chunk(6, dim=2)[i].squeeze(2)`). Otherwise `c + a*b` of full tensors
+    is a generic multiply-add that Inductor fuses better (rope's `x1*sin + x2*cos`, a GELU's
+    `h + y*(1 + tanh(·))`): those are left alone.
+  - k = 0 needs a full-size `c` (the residual): `n*w + bias` with vectors is a norm's
+    affine tail, which Inductor fuses into the norm.
+Not matched: `c - a*(k+b)`, `(c + a)*(k+b)`, k a tensor, other broadcasts (reported with
+their shapes).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from .common import Family, Variant, aten, cast, is_number, val
+from .common import CONVERT, VIEW_OPS, Family, Variant, aten, cast, is_number, val
 
 FORMS = {
-    # name: (builder, k from the match?)
+    # name: (builder, has k): both operand orders of the outer add occur (`shift + x*s` vs `x*s + shift`)
     "c+a*(b+k)": (lambda a, b, c: CallFunction(aten.add.Tensor, c, CallFunction(
         aten.mul.Tensor, a, CallFunction(aten.add.Tensor, b, KeywordArg("k")))), True),
     "a*(b+k)+c": (lambda a, b, c: CallFunction(aten.add.Tensor, CallFunction(
         aten.mul.Tensor, a, CallFunction(aten.add.Tensor, b, KeywordArg("k"))), c), True),
-    "c+p*q": (lambda a, b, c: CallFunction(aten.add.Tensor, c, CallFunction(aten.mul.Tensor, a, b)), False),
-    "p*q+c": (lambda a, b, c: CallFunction(aten.add.Tensor, CallFunction(aten.mul.Tensor, a, b), c), False),
+    "c+a*b": (lambda a, b, c: CallFunction(aten.add.Tensor, c, CallFunction(aten.mul.Tensor, a, b)), False),
+    "a*b+c": (lambda a, b, c: CallFunction(aten.add.Tensor, CallFunction(aten.mul.Tensor, a, b), c), False),
 }
+
+# ops a modulation chunk passes through on its way from the split to the multiply
+_PASS_THROUGH = set(VIEW_OPS) | {CONVERT, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+                                 aten.unsqueeze.default, aten.expand.default, aten.clone.default}
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default)
+
+
+def strip_upcast(node):
+    """The tensor an exact upcast to fp32 reads (the ops compute in fp32 anyway), else node."""
+    if isinstance(node, torch.fx.Node) and node.target == CONVERT and node.args[1] == torch.float32:
+        src = val(node.args[0])
+        if isinstance(src, torch.Tensor) and src.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return node.args[0]
+    return node
+
+
+def replace_marked(match, fn, args) -> None:
+    """match.replace_by_example, tagging the nodes it inserts: a lowering written in aten
+    (e.g. the NPU's LayerNorm) must not be reported as a leftover site by `anchors`."""
+    graph = match.graph
+    before = set(graph.nodes)
+    match.replace_by_example(fn, args)
+    for n in graph.nodes:
+        if n not in before:
+            n.meta["difffuse_replacement"] = True
+
+
+def inserted(node) -> bool:
+    return bool(node.meta.get("difffuse_replacement"))
+
+
+def from_modulation_table(node, depth: int = 8) -> bool:
+    """node is a chunk of a modulation table: getitem(split/unbind(...)) through views/casts."""
+    while depth and isinstance(node, torch.fx.Node):
+        if node.target == operator.getitem:
+            src = node.args[0]
+            return isinstance(src, torch.fx.Node) and src.target in _SPLITS
+        if node.target not in _PASS_THROUGH:
+            return False
+        node, depth = node.args[0], depth - 1
+    return False
 
 
 def broadcast_kind(shape, out_shape) -> str | None:
@@ -53,32 +107,49 @@ def broadcast_kind(shape, out_shape) -> str | None:
     return None
 
 
+def _top_add(nodes) -> torch.fx.Node | None:
+    """The outer `c + a*(...)` add of a candidate site (the node misses are reported on)."""
+    return next((n for n in nodes if n.target == aten.add.Tensor and any(
+        isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor for a in n.args)
+        and not any(isinstance(u, torch.fx.Node) and u in nodes and u.target == aten.mul.Tensor
+                    for u in n.users)), None)
+
+
 class ScaleShiftPattern(Family):
     name = "scale_shift"
 
     def variants(self):
         out = []
         for form, (builder, has_k) in FORMS.items():
-            for out_cast in (True, False):
+            for out_cast in (True, False):  # the cast variant first: it covers the larger subgraph
                 p = builder(KeywordArg("a"), KeywordArg("b"), KeywordArg("c"))
                 out.append(Variant(f"{form}/{'cast' if out_cast else 'nocast'}", cast(p) if out_cast else p,
                                    {"has_k": has_k}))
         return out
 
     def anchor_of(self, match):
-        # only the k ≠ 0 form (AdaLN `*(1+scale)+shift`) is unmistakably this family's site
-        return match.output_node() if "k" in match.kwargs else None
+        return _top_add(match.nodes)
 
     def anchors(self, graph):
+        """Leftover `x*(k+scale)+shift` (k a number ≠ 0) and gated residuals `res + x*gate`
+        whose gate is per batch or a modulation chunk."""
         found = []
         for n in graph.find_nodes(op="call_function", target=aten.add.Tensor):
-            for arg in n.args:
-                if isinstance(arg, torch.fx.Node) and arg.target == aten.mul.Tensor and any(
-                        isinstance(m, torch.fx.Node) and m.target == aten.add.Tensor and len(m.args) == 2
-                        and is_number(m.args[1]) and m.args[1] != 0 for m in arg.args):
+            if not n.users or len(n.args) != 2 or inserted(n):
+                continue
+            for i, m in enumerate(n.args):
+                other = n.args[1 - i]
+                if not (isinstance(m, torch.fx.Node) and m.target == aten.mul.Tensor
+                        and isinstance(other, torch.fx.Node)):
+                    continue
+                if any(isinstance(s, torch.fx.Node) and s.target == aten.add.Tensor and is_number(s.args[1])
+                       and s.args[1] != 0 for s in m.args):
                     found.append(n)
                     break
-        return [n for n in found if n.users]
+                if _looks_gated(n, m, other):
+                    found.append(n)
+                    break
+        return found
 
     def check(self, match, variant):
         kw = match.kwargs
@@ -87,32 +158,50 @@ class ScaleShiftPattern(Family):
             return "an operand is not a floating-point tensor"
         a, b, c = tensors
         out = val(match.output_node())
+        names = {"a": kw["a"], "b": kw["b"], "c": kw["c"]}
         k = 0.0
         if variant.info["has_k"]:
             if not is_number(kw["k"]):
                 return "k in (k + b) is a tensor"
             k = float(kw["k"])
-        elif tuple(b.shape) == tuple(out.shape) and tuple(a.shape) != tuple(out.shape):
-            kw = dict(kw, a=kw["b"], b=kw["a"])  # the gate is the broadcast operand
+        elif tuple(a.shape) != tuple(out.shape) or (
+                tuple(b.shape) == tuple(out.shape) and from_modulation_table(kw["a"])
+                and not from_modulation_table(kw["b"])):
+            names["a"], names["b"] = kw["b"], kw["a"]  # the gate is the broadcast (or table) operand
             a, b = b, a
         if tuple(a.shape) != tuple(out.shape):
             return f"scaled operand {tuple(a.shape)} is not the full output shape {tuple(out.shape)}"
         kb, kc = broadcast_kind(b.shape, out.shape), broadcast_kind(c.shape, out.shape)
         if kb is None or kc is None:
-            return f"scale {tuple(b.shape)} / shift {tuple(c.shape)} do not broadcast as a modulation " \
-                   f"against {tuple(out.shape)}"
-        if not variant.info["has_k"] and kb not in ("scalar", "channel", "batch"):
-            # full: a generic multiply-add; frame-shaped: also rope's x1*sin + x2*cos
-            return f"a {kb}-shaped factor in `c + a*b` is not a gate"
+            return (f"scale {tuple(b.shape)} / shift {tuple(c.shape)} do not broadcast as a modulation "
+                    f"against {tuple(out.shape)}")
+        if kb in ("full", "frame") and not from_modulation_table(names["b"]):
+            what = "scale" if variant.info["has_k"] else "gate"
+            return f"a {kb}-shaped {what} {tuple(b.shape)} that is not a chunk of a modulation table"
         if not variant.info["has_k"] and kc != "full":
-            # `n*w + b` with vectors is a norm's affine tail, which Inductor fuses into the norm
             return "`c + a*b` with a broadcast c is an affine, not a gated residual"
-        return {"a": kw["a"], "b": kw["b"], "c": kw["c"], "k": k, "out_dtype": out.dtype,
-                "b_kind": kb, "c_kind": kc}
+        return {"a": strip_upcast(names["a"]), "b": strip_upcast(names["b"]), "c": strip_upcast(names["c"]),
+                "k": k, "out_dtype": out.dtype, "b_kind": kb, "c_kind": kc}
 
     def replace(self, match, variant, site, ctx):
         op, k, out_dtype = ctx.impl(self.name), site["k"], site["out_dtype"]
-        match.replace_by_example(lambda a, b, c: op(a, b, c, k, out_dtype), [site["a"], site["b"], site["c"]])
+        replace_marked(match, lambda a, b, c: op(a, b, c, k, out_dtype), [site["a"], site["b"], site["c"]])
+
+
+def _looks_gated(add: torch.fx.Node, mul: torch.fx.Node, res: torch.fx.Node) -> bool:
+    """`res + x*gate` with a full-size res and x and a per-batch or modulation-table gate."""
+    ov, rv = val(add), val(res)
+    if not (isinstance(ov, torch.Tensor) and isinstance(rv, torch.Tensor)) or tuple(rv.shape) != tuple(ov.shape):
+        return False
+    ops = [a for a in mul.args if isinstance(a, torch.fx.Node) and isinstance(val(a), torch.Tensor)]
+    if len(ops) != 2:
+        return False
+    for x, g in (ops, ops[::-1]):
+        if tuple(val(x).shape) == tuple(ov.shape):
+            kind = broadcast_kind(val(g).shape, ov.shape)
+            if kind == "batch" or (kind in ("full", "frame") and from_modulation_table(g)):
+                return True
+    return False
 
 
 FAMILY = ScaleShiftPattern()

@@ -1,0 +1,211 @@
+"""norm_scale_shift: residual (+ gate) → LayerNorm/RMSNorm → modulation, spelled as Wan's
+block spells it (diffusers transformer_wan.py), fuses once with both outputs and matches
+eager (r rounded where the model rounds it); near-misses don't fuse."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import assert_close, compile_and_run
+
+B, L, D = 2, 6, 16
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """diffusers.models.normalization.FP32LayerNorm.forward."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class Block(nn.Module):
+    """x = proj(h); `fn(m, h, x, mod)`; norms kept in fp32 like Wan's keep-in-fp32 modules."""
+
+    def __init__(self, fn, dim=D):
+        super().__init__()
+        self.fn = fn
+        self.proj = nn.Linear(dim, dim)
+        self.table = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.ln = FP32LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.ln_affine = FP32LayerNorm(dim, eps=1e-6, elementwise_affine=True)
+        self.ln_native = nn.LayerNorm(dim, eps=1e-5)
+        self.rms = nn.RMSNorm(dim, eps=1e-6)
+        self.vec = nn.Parameter(torch.randn(dim))
+
+    def forward(self, h, mod):
+        return self.fn(self, h, self.proj(h), mod)
+
+    def cast(self, dtype):
+        self.to(dtype)
+        for p in (self.table, self.ln_affine.weight, self.ln_affine.bias):
+            p.data = p.data.float()
+        return self.eval()
+
+
+def chunks(m, mod):
+    """Wan 2.1 modulation: `(table + temb.float()).chunk(6, dim=1)`, each [B, 1, D] fp32."""
+    return (m.table + mod.float()).chunk(6, dim=1)
+
+
+def per_token(m, mod):
+    """Wan 2.2 TI2V: temb [B, L, 6, D] -> chunk(6, dim=2) -> squeeze(2), each [B, L, D]."""
+    return [c.squeeze(2) for c in (m.table.unsqueeze(0) + mod.float()).chunk(6, dim=2)]
+
+
+def wan_norm2(m, h, x, mod):
+    h = (h.float() + x * chunks(m, mod)[2]).type_as(h)
+    return m.ln_affine(h.float()).type_as(h), h
+
+
+def wan_norm3(m, h, x, mod, mods=chunks):
+    s = mods(m, mod)
+    h = h + x
+    return (m.ln(h.float()) * (1 + s[4]) + s[3]).type_as(h), h
+
+
+def wan_ffn_norm_out(m, h, x, mod):
+    s = chunks(m, mod)
+    h = (h.float() + x.float() * s[5]).type_as(h)
+    return (m.ln(h.float()) * (1 + s[1]) + s[0]).type_as(h)
+
+
+def native_ln(m, h, x, mod):
+    h = h + x
+    return m.ln_native(h) * (1 + mod[:, 1, None]) + mod[:, 0, None], h
+
+
+def rms_residual(m, h, x, mod):
+    h = h + x
+    return m.rms(h) * (1 + mod[:, 1, None]) + mod[:, 0, None], h
+
+
+VARIANTS = {
+    # name: (fn, modulation shape, variant in fp32, variant in bf16/fp16)
+    "wan_norm1": (lambda m, h, x, mod: (m.ln(h.float()) * (1 + chunks(m, mod)[1]) + chunks(m, mod)[0]).type_as(h),
+                  None, "none/-/ln/noaffine/mod", "none/-/ln/noaffine/mod/cast"),
+    "wan_norm2": (wan_norm2, None, "gate_xg/direct/ln/wb/nomod", "gate_xg/roundtrip/ln/wb/nomod/cast"),
+    "wan_norm3": (wan_norm3, None, "one/direct/ln/noaffine/mod", "one/cast/ln/noaffine/mod/cast"),
+    "wan_ffn_norm_out": (wan_ffn_norm_out, None, "gate_xg/direct/ln/noaffine/mod",
+                         "gate_xg/roundtrip/ln/noaffine/mod/cast"),
+    "ti2v_norm3_per_token": (lambda m, h, x, mod: wan_norm3(m, h, x, mod, per_token), (B, L, 6, D),
+                             "one/direct/ln/noaffine/mod", "one/cast/ln/noaffine/mod/cast"),
+    "nn_layernorm": (native_ln, None, "one/direct/ln/wb/mod", "one/cast/ln/wb/mod/midcast"),
+    "rms_residual": (rms_residual, None, "one/direct/rms/w/mod", "one/cast/rms/w/mod/midcast"),
+    "gate_first": (lambda m, h, x, mod: m.ln_affine(h + mod[:, 2, None] * x), None,
+                   "gate_xg/direct/ln/wb/nomod", "gate_xg/cast/ln/wb/nomod/cast"),
+}
+
+
+def run(fn, mod_shape, dtype, b=B, l=L, d=D):
+    torch.manual_seed(0)
+    m = Block(fn, d).cast(dtype)
+    h = torch.randn(b, l, d, dtype=dtype) * 2
+    mod = torch.randn(*(mod_shape or (b, 6, d)), dtype=dtype if mod_shape is None else torch.float32)
+    with torch.no_grad():
+        ref = m(h, mod)
+    out, rep = compile_and_run(m, h, mod)
+    return out, ref, rep
+
+
+def assert_outputs_close(out, ref, dtype):
+    out, ref = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert_close(o.float(), r.float(), dtype)
+
+
+CASES = [(n, d) for n in sorted(VARIANTS) for d in (torch.float32, torch.bfloat16)] + [
+    (n, torch.float16) for n in ("wan_norm2", "wan_norm3")]
+
+
+@pytest.mark.parametrize("name,dtype", CASES)
+def test_variant_fuses_once(name, dtype):
+    fn, mod_shape, v32, vlow = VARIANTS[name]
+    out, ref, rep = run(fn, mod_shape, dtype)
+    assert rep.matches() == {"norm_scale_shift": 1}, (name, rep.variants())
+    assert rep.variants() == {f"norm_scale_shift:{v32 if dtype == torch.float32 else vlow}": 1}
+    assert not rep.misses, str(rep)
+    assert_outputs_close(out, ref, dtype)
+
+
+def test_residual_rounded_before_the_norm():
+    """bf16 norm2: r is rounded to bf16 by `.type_as(h)` and the norm reads the rounded r,
+    so the compiled residual equals eager's bit for bit and the norm output is close."""
+    out, ref, rep = run(wan_norm2, None, torch.bfloat16)
+    assert rep.matches() == {"norm_scale_shift": 1}
+    assert torch.equal(out[1], ref[1])
+    assert_close(out[0].float(), ref[0].float(), torch.bfloat16)
+
+
+def test_odd_shapes_and_eps():
+    def fn(m, h, x, mod):
+        h = h + x
+        return (F.layer_norm(h, (h.shape[-1],), eps=0.25) * (1 + mod[:, 1, None]) + mod[:, 0, None]), h
+    out, ref, rep = run(fn, None, torch.float32, b=3, l=7, d=13)
+    assert rep.matches() == {"norm_scale_shift": 1}, rep.variants()
+    assert_outputs_close(out, ref, torch.float32)
+
+
+def _ln_dim1(m, h, x, mod):
+    r = h + x
+    var, mean = torch.var_mean(r, dim=1, keepdim=True, correction=0)
+    return (r - mean) * torch.rsqrt(var + 1e-6) * (1 + mod[:, 1, None]) + mod[:, 0, None], r
+
+
+def _eps_outside(m, h, x, mod):
+    r = h + x
+    var, mean = torch.var_mean(r, dim=-1, keepdim=True, correction=0)
+    return (r - mean) * (torch.rsqrt(var) + 1e-6) * (1 + mod[:, 1, None]) + mod[:, 0, None], r
+
+
+def _r_narrowed(m, h, x, mod):
+    r = h.float() + x * chunks(m, mod)[2]  # r in fp32 is the residual the caller keeps ...
+    return m.ln_affine(r.to(torch.bfloat16).float()), r  # ... but the norm reads it rounded to bf16
+
+
+NEAR_MISSES = {
+    "ln_over_dim_1": _ln_dim1,
+    "eps_outside_rsqrt": _eps_outside,
+    "r_narrowed_for_norm": _r_narrowed,
+    "modulation_before_norm": lambda m, h, x, mod: m.ln_affine(
+        per_token(m, mod)[0] + x * (1 + per_token(m, mod)[1])),
+    "bare_layernorm": lambda m, h, x, mod: m.ln_affine(x),
+    "broadcast_residual": lambda m, h, x, mod: m.ln_affine(x + m.vec),
+    "unbiased_variance": lambda m, h, x, mod: (lambda r: (r - r.mean(-1, keepdim=True)) * torch.rsqrt(
+        torch.var_mean(r, -1, keepdim=True, correction=1)[0] + 1e-6))(h + x),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
+def test_near_miss_does_not_match(name):
+    mod_shape = (B, L, 6, D) if name == "modulation_before_norm" else None
+    out, ref, rep = run(NEAR_MISSES[name], mod_shape, torch.float32)
+    assert rep.matches().get("norm_scale_shift", 0) == 0, rep.variants()
+    # Inductor itself drops the bf16 round trip of r_narrowed_for_norm: compare at bf16 tolerance there
+    assert_outputs_close(out, ref, torch.bfloat16 if name == "r_narrowed_for_norm" else torch.float32)
+
+
+def test_ln_over_other_dim_reported_as_miss():
+    _, _, rep = run(_ln_dim1, None, torch.float32)
+    reasons = [x.reason for x in rep.misses if x.family == "norm_scale_shift"]
+    assert len(reasons) == 1 and "dims [1]" in reasons[0], str(rep)
+
+
+def test_weight_over_other_dim_is_not_absorbed():
+    """An [L, 1] 'weight' is no LN weight: only residual + LN fuse, the multiply stays."""
+    def fn(m, h, x, mod):
+        r = h + x
+        return F.layer_norm(r, (D,), eps=1e-6) * m.col + m.vec, r
+    torch.manual_seed(0)
+    m = Block(fn).eval()
+    m.col = nn.Parameter(torch.randn(L, 1))
+    h, mod = torch.randn(B, L, D), torch.randn(B, 6, D)
+    with torch.no_grad():
+        ref = m(h, mod)
+    out, rep = compile_and_run(m, h, mod)
+    assert rep.variants() == {"norm_scale_shift:one/direct/ln/noaffine/nomod": 1}
+    assert_outputs_close(out, ref, torch.float32)
