@@ -40,6 +40,20 @@ def rms_core(x, square: str, reduce: str, order: str, xs=None):
     return CallFunction(aten.mul.Tensor, x, rs) if order == "x_r" else CallFunction(aten.mul.Tensor, rs, x)
 
 
+TAILS = ("cast_w_cast", "w_cast", "cast_w", "w", "cast", "none")
+
+
+def with_tail(p, tail: str):
+    """What follows the normalisation: the weight multiply (before/after a cast) and a final cast."""
+    if tail.startswith("cast_w"):
+        p = CallFunction(aten.mul.Tensor, cast(p), KeywordArg("w"))
+    elif tail.startswith("w"):
+        p = CallFunction(aten.mul.Tensor, p, KeywordArg("w"))
+    if tail.endswith("cast"):
+        p = cast(p)
+    return p
+
+
 def check_rms_core(match, x_node, upcast_node=None) -> dict | str:
     """The checks every RMSNorm core needs; returns {x, D, eps} or a reason."""
     kw = match.kwargs
@@ -79,12 +93,7 @@ class RMSNormPattern(Family):
                 p = rms_core(x, square, reduce, order, xs=cast(x))
             else:
                 p = rms_core(x, square, reduce, order)
-            if tail.startswith("cast_w"):
-                p = CallFunction(aten.mul.Tensor, cast(p), KeywordArg("w"))
-            elif tail.startswith("w"):
-                p = CallFunction(aten.mul.Tensor, p, KeywordArg("w"))
-            if tail.endswith("cast"):
-                p = cast(p)
+            p = with_tail(p, tail)
             name = "/".join([f"cast_{x_cast}", square, reduce, order, tail])
             out.append(Variant(name, p, {"x_cast": x_cast, "tail": tail}))
         return out

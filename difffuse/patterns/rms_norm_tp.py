@@ -33,7 +33,7 @@ import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
 from .common import Variant, aten, cast, val
-from .rms_norm import ADD_EPS, RMSNormPattern
+from .rms_norm import ADD_EPS, RMSNormPattern, with_tail
 
 c10d = torch.ops._c10d_functional
 ALL_REDUCE = c10d.all_reduce.default
@@ -83,12 +83,7 @@ class RMSNormFamily(RMSNormPattern):
             x = KeywordArg("x")
             p = tp_core(cast(x, users=2), square, collective, copy, order) if x_cast == "both" \
                 else tp_core(x, square, collective, copy, order)
-            if tail.startswith("cast_w"):
-                p = CallFunction(aten.mul.Tensor, cast(p), KeywordArg("w"))
-            elif tail.startswith("w"):
-                p = CallFunction(aten.mul.Tensor, p, KeywordArg("w"))
-            if tail.endswith("cast"):
-                p = cast(p)
+            p = with_tail(p, tail)
             name = "/".join(["tp", f"cast_{x_cast}", square, collective + ("_copy" if copy else ""), order, tail])
             out.append(Variant(name, p, {"tp": True, "x_cast": x_cast, "tail": tail, "collective": collective}))
         return out
