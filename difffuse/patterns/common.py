@@ -94,6 +94,22 @@ class PassContext:
     def impl(self, family: str) -> Callable:
         return self.module.IMPLS[family]
 
+    def replace(self, match: Match, fn: Callable, args: list) -> None:
+        """match.replace_by_example(fn, args), traced the way the lowering asks
+        (`trace_replacement`, e.g. functionalized so Triton kernels become HOP nodes),
+        tagging every inserted node so `anchors` never reports our own code as a miss."""
+        graph = match.graph
+        before = set(graph.nodes)
+        match.replace_by_example(fn, args, trace_fn=getattr(self.module, "trace_replacement", None))
+        for n in graph.nodes:
+            if n not in before:
+                n.meta["difffuse_replacement"] = True
+
+
+def inserted(node: torch.fx.Node) -> bool:
+    """The node was put there by a difffuse replacement."""
+    return bool(node.meta.get("difffuse_replacement"))
+
 
 class Family:
     """A pattern family: `variants()` is its table; `check` turns a match into the

@@ -100,7 +100,7 @@ class LinearGeluPattern(Family):
                 full[i] = d
             return op(x, w, b, out_dtype).reshape(full)
 
-        match.replace_by_example(fused, [site["x"], site["weight"], site["bias"]] + [shape[i] for i in sym])
+        ctx.replace(match, fused, [site["x"], site["weight"], site["bias"]] + [shape[i] for i in sym])
 
 
 FAMILY = LinearGeluPattern()

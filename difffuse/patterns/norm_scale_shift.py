@@ -36,9 +36,9 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, MultiOutputPattern
 
-from .common import CONVERT, Family, Variant, aten, cast, is_last_dim_vector, is_number, is_upcast, val
+from .common import CONVERT, Family, Variant, aten, cast, inserted, is_last_dim_vector, is_number, is_upcast, val
 from .rms_norm import ADD_EPS, rms_core
-from .scale_shift import broadcast_kind, inserted, replace_marked, strip_upcast
+from .scale_shift import broadcast_kind, strip_upcast
 
 RESIDUALS = ("gate_xg", "gate_gx", "one", "none")  # larger first: the first match wins
 ROUNDINGS = ("direct", "cast", "roundtrip")
@@ -180,7 +180,7 @@ class NormScaleShiftPattern(Family):
                         t.get("scale"), t.get("shift"), *consts)
             return (out, r) if site["two_outputs"] else out
 
-        replace_marked(match, fused, [site[n] for n in names])
+        ctx.replace(match, fused, [site[n] for n in names])
 
 
 def _check_residual(match, info, kw, r_node, r_shape):

@@ -314,7 +314,7 @@ class QKNormRopePattern(Family):
             def fused(x, c, s, *w):
                 return op(x, w[0] if w else None, c, s, *consts)
             args = [site["x"], site["cos"], site["sin"]]
-        match.replace_by_example(fused, args + ([w] if w is not None else []))
+        ctx.replace(match, fused, args + ([w] if w is not None else []))
         graph = match.graph
         for n in site["norm_nodes"]:  # the norm now feeds nothing: drop it before rms_norm sees it
             if not n._erased and not n.users:

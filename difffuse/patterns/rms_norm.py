@@ -135,9 +135,9 @@ class RMSNormPattern(Family):
     def replace(self, match, variant, site, ctx):
         op, eps, out_dtype = ctx.impl(self.name), site["eps"], site["out_dtype"]
         if site["weight"] is None:
-            match.replace_by_example(lambda x: op(x, None, eps, out_dtype), [site["x"]])
+            ctx.replace(match, lambda x: op(x, None, eps, out_dtype), [site["x"]])
         else:
-            match.replace_by_example(lambda x, w: op(x, w, eps, out_dtype), [site["x"], site["weight"]])
+            ctx.replace(match, lambda x, w: op(x, w, eps, out_dtype), [site["x"], site["weight"]])
 
 
 FAMILY = RMSNormPattern()

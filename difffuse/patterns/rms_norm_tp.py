@@ -136,7 +136,7 @@ class RMSNormFamily(RMSNormPattern):
             return rsqrt_mul(x, v, w, eps, out_dtype)
 
         args = [site["x"]] if site["weight"] is None else [site["x"], site["weight"]]
-        match.replace_by_example(repl, args)
+        ctx.replace(match, repl, args)
 
 
 def _after_all_reduce(node) -> bool:

@@ -31,7 +31,7 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from .common import CONVERT, VIEW_OPS, Family, Variant, aten, cast, is_number, val
+from .common import CONVERT, VIEW_OPS, Family, Variant, aten, cast, inserted, is_number, val
 
 FORMS = {
     # name: (builder, has k): both operand orders of the outer add occur (`shift + x*s` vs `x*s + shift`)
@@ -56,21 +56,6 @@ def strip_upcast(node):
         if isinstance(src, torch.Tensor) and src.dtype in (torch.float16, torch.bfloat16, torch.float32):
             return node.args[0]
     return node
-
-
-def replace_marked(match, fn, args) -> None:
-    """match.replace_by_example, tagging the nodes it inserts: a lowering written in aten
-    (e.g. the NPU's LayerNorm) must not be reported as a leftover site by `anchors`."""
-    graph = match.graph
-    before = set(graph.nodes)
-    match.replace_by_example(fn, args)
-    for n in graph.nodes:
-        if n not in before:
-            n.meta["difffuse_replacement"] = True
-
-
-def inserted(node) -> bool:
-    return bool(node.meta.get("difffuse_replacement"))
 
 
 def from_modulation_table(node, depth: int = 8) -> bool:
@@ -185,7 +170,7 @@ class ScaleShiftPattern(Family):
 
     def replace(self, match, variant, site, ctx):
         op, k, out_dtype = ctx.impl(self.name), site["k"], site["out_dtype"]
-        replace_marked(match, lambda a, b, c: op(a, b, c, k, out_dtype), [site["a"], site["b"], site["c"]])
+        ctx.replace(match, lambda a, b, c: op(a, b, c, k, out_dtype), [site["a"], site["b"], site["c"]])
 
 
 def _looks_gated(add: torch.fx.Node, mul: torch.fx.Node, res: torch.fx.Node) -> bool:
