@@ -10,6 +10,11 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = _CACHE
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # the CUDA lowering's Triton kernels run in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 from torch._functorch import config as functorch_config  # noqa: E402
 from torch._inductor import config as inductor_config  # noqa: E402
 
@@ -46,3 +51,13 @@ def compile_and_run(module, *args, options=None, dynamic=None, fullgraph=False, 
 @pytest.fixture
 def run_compiled():
     return compile_and_run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a CUDA GPU."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

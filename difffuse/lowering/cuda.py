@@ -1,0 +1,165 @@
+"""The CUDA lowering: Triton kernels for the four families, cuBLASLt's GELU epilogue for
+Linear + tanh-GELU.
+
+- rms_norm, scale_shift, norm_scale_shift, qk_norm_rope: `triton_kernels` (fp32 math,
+  fp16/bf16/fp32 operands, strided/broadcast operands read in place, D <= 8192).
+- linear_gelu: ``aten._addmm_activation(bias, x, w.t(), use_gelu=True)``, which on CUDA is
+  cuBLASLt's tanh-GELU epilogue (on CPU the same op computes erf-GELU, so CUDA tensors only).
+
+Replacements are traced functionalized (`trace_replacement`), so each Triton launcher
+decomposes into Inductor's user-defined-Triton-kernel node and the generated code
+launches the kernel itself instead of calling an op through the dispatcher.
+Under ``TRITON_INTERPRET=1`` (CPU tests) the launchers stay opaque op calls that run
+the interpreted kernels eagerly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..patterns.common import val
+from . import triton_kernels as tk
+
+INTERPRET = tk.INTERPRET
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def trace_replacement(fn, args):
+    """Trace a replacement with Python functionalization, so `triton_op` launchers
+    decompose into `triton_kernel_wrapper_functional` nodes (None under the interpreter)."""
+    from torch._inductor.pattern_matcher import fwd_only
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+
+    return fwd_only(dispatch_functionalize(fn), args)
+
+
+if INTERPRET:
+    trace_replacement = None  # noqa: F811  (opaque op calls; the interpreter runs eagerly)
+
+
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """gelu_tanh(x @ w.T + b) as one cuBLASLt GEMM with a GELU epilogue."""
+    return torch.ops.aten._addmm_activation.default(bias, x, weight.t(), use_gelu=True).to(out_dtype)
+
+
+IMPLS = {
+    "rms_norm": torch.ops.difffuse.triton_rms_norm.default,
+    "scale_shift": torch.ops.difffuse.triton_scale_shift.default,
+    "norm_scale_shift": torch.ops.difffuse.triton_norm_scale_shift.default,
+    "qk_norm_rope": torch.ops.difffuse.triton_qk_norm_rope.default,
+    "linear_gelu": linear_gelu,
+}
+
+
+# ------------------------------------------------------------------ eligibility
+def _tensors(site: dict, names) -> list[Optional[Tensor]]:
+    out = []
+    for n in names:
+        t = val(site.get(n))
+        out.append(t if isinstance(t, torch.Tensor) else None)
+    return out
+
+
+def _common(ts, what: str = "the Triton kernels") -> Optional[str]:
+    """Device and dtype rule shared by every kernel."""
+    for t in ts:
+        if t is None:
+            continue
+        if t.dtype not in FLOATS:
+            return f"dtype {t.dtype}: {what} take fp16/bf16/fp32"
+        if t.device.type != "cuda" and not INTERPRET:
+            return f"tensor on {t.device.type}: {what} need CUDA tensors"
+    return None
+
+
+def _width(d) -> Optional[str]:
+    if not isinstance(d, int):
+        return f"symbolic last dim {d}: the kernels need a static width"
+    if d > tk.MAX_D:
+        return f"last dim {d} > {tk.MAX_D}"
+    return None
+
+
+def _vector(t: Optional[Tensor], d: int, name: str) -> Optional[str]:
+    if t is not None and t.numel() != d:
+        return f"{name} of shape {tuple(t.shape)} is not one value per column ({d})"
+    return None
+
+
+def _lead(shape, inner: int = 1) -> Optional[str]:
+    if len(shape) - inner > 3:
+        return f"{len(shape)}-d operands: the kernels index at most 3 leading dims"
+    return None
+
+
+def _rms_norm(site) -> Optional[str]:
+    x, w = _tensors(site, ("x", "weight"))
+    d = x.shape[-1]
+    return _common([x, w]) or _width(d) or _lead(x.shape) or _vector(w, d, "weight")
+
+
+def _scale_shift(site) -> Optional[str]:
+    a, b, c = _tensors(site, ("a", "b", "c"))
+    shape = torch.broadcast_shapes(*[t.shape for t in (a, b, c) if t is not None])
+    return _common([a, b, c]) or _width(shape[-1]) or _lead(shape)
+
+
+def _norm_scale_shift(site) -> Optional[str]:
+    ts = _tensors(site, ("x", "residual", "gate", "weight", "bias", "scale", "shift"))
+    x, residual, gate, weight, bias, scale, shift = ts
+    r_shape = torch.broadcast_shapes(*[t.shape for t in (x, residual, gate) if t is not None])
+    o_shape = torch.broadcast_shapes(r_shape, *[t.shape for t in (weight, bias, scale, shift) if t is not None])
+    if tuple(o_shape) != tuple(r_shape):
+        return f"modulation widens the output to {tuple(o_shape)} from the residual's {tuple(r_shape)}"
+    d = r_shape[-1]
+    return (_common(ts) or _width(d) or _lead(r_shape) or _vector(weight, d, "weight")
+            or _vector(bias, d, "bias"))
+
+
+def _qk_norm_rope(site) -> Optional[str]:
+    x, w, cos, sin = _tensors(site, ("x", "weight", "cos", "sin"))
+    heads = site["num_heads"]
+    if site["across_heads"]:
+        shape = (*x.shape[:-1], heads, x.shape[-1] // heads)
+        width = x.shape[-1]
+    else:
+        shape = tuple(x.shape)
+        width = shape[-1]
+    hd = shape[-1]
+    if isinstance(hd, int) and hd % 2:
+        return f"odd head_dim {hd}"
+    for t in (cos, sin):
+        try:
+            torch.broadcast_shapes(t.shape, shape)
+        except RuntimeError:
+            return f"cos/sin of shape {tuple(t.shape)} do not broadcast against q/k {tuple(shape)}"
+    return (_common([x, w, cos, sin]) or _width(width) or _width(heads * hd) or _lead(shape, 2)
+            or _vector(w, width, "weight"))
+
+
+def _linear_gelu(site) -> Optional[str]:
+    x, w, b = _tensors(site, ("x", "weight", "bias"))
+    for t in (x, w, b):
+        if t.device.type != "cuda":
+            return "aten._addmm_activation computes erf-GELU off CUDA: tanh-GELU needs CUDA tensors"
+    dtypes = {x.dtype, w.dtype, b.dtype, site["out_dtype"]}
+    if len(dtypes) != 1 or x.dtype not in FLOATS:
+        return f"mixed or non-float dtypes {sorted(map(str, dtypes))}: cuBLASLt's epilogue takes one float dtype"
+    return None
+
+
+_RULES = {
+    "rms_norm": _rms_norm,
+    "scale_shift": _scale_shift,
+    "norm_scale_shift": _norm_scale_shift,
+    "qk_norm_rope": _qk_norm_rope,
+    "linear_gelu": _linear_gelu,
+}
+
+
+def supports(family: str, site: dict) -> Optional[str]:
+    """None if the CUDA kernel computes this site; else why it is left to Inductor."""
+    rule = _RULES.get(family)
+    return rule(site) if rule else f"no CUDA kernel for {family}"
