@@ -26,10 +26,10 @@ def custom_tanh_gelu(c):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_tanh_gelu_fuses(dtype):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("shape", [(3, 7, 24), (5, 24)], ids=["3d-view", "2d"])
+def test_tanh_gelu_fuses(dtype, shape):
     m = FF(lambda h: F.gelu(h, approximate="tanh")).to(dtype).eval()
-    x = torch.randn(3, 7, 24, dtype=dtype)
+    x = torch.randn(*shape, dtype=dtype)
     with torch.no_grad():
         ref = m(x)
     out, rep = compile_and_run(m, x)

@@ -1,6 +1,6 @@
 """linear_gelu: a Linear followed by tanh-GELU (diffusers `gelu-approximate`, every Wan FFN).
 
-    h = view(addmm(b, x2d, permute(w, [1, 0])), shape) ─(convert fp32)?─┐
+    h = [view](addmm(b, x2d, permute(w, [1, 0])), shape) ─(convert fp32)?─┐
     0.5·h · (1 + tanh(0.7978845608·(h + 0.044715·h·h·h)))  ─(convert)? ─┘
       ==>  view(difffuse::linear_gelu(x2d, w, b, out_dtype), shape)
 
@@ -12,6 +12,7 @@ that has other users (it would have to be written anyway).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -36,16 +37,17 @@ class LinearGeluPattern(Family):
 
     def variants(self):
         out = []
-        for h_cast in (True, False):
-            for out_cast in (True, False):
-                mm = CallFunction(aten.addmm.default, KeywordArg("bias"), KeywordArg("x"),
-                                  CallFunction(aten.permute.default, KeywordArg("weight"), [1, 0]))
-                users = 1 if h_cast else 4
-                h = CallFunction([aten.reshape.default, aten.view.default], mm, KeywordArg("shape"), _users=users)
-                g = gelu_tanh(cast(h, users=4) if h_cast else h)
-                p = cast(g) if out_cast else g
-                name = f"{'cast_h' if h_cast else 'h'}/{'cast_out' if out_cast else 'out'}"
-                out.append(Variant(name, p, {"h_cast": h_cast}))
+        for viewed, h_cast, out_cast in itertools.product((True, False), repeat=3):
+            users = 1 if h_cast else 4
+            mm = CallFunction(aten.addmm.default, KeywordArg("bias"), KeywordArg("x"),
+                              CallFunction(aten.permute.default, KeywordArg("weight"), [1, 0]),
+                              _users=1 if viewed else users)
+            h = CallFunction([aten.reshape.default, aten.view.default], mm, KeywordArg("shape"),
+                             _users=users) if viewed else mm
+            g = gelu_tanh(cast(h, users=4) if h_cast else h)
+            p = cast(g) if out_cast else g
+            name = f"{'view' if viewed else '2d'}/{'cast_h' if h_cast else 'h'}/{'cast_out' if out_cast else 'out'}"
+            out.append(Variant(name, p, {"h_cast": h_cast}))
         return out
 
     def anchor_of(self, match):
@@ -64,12 +66,12 @@ class LinearGeluPattern(Family):
             return f"bias of shape {tuple(b.shape)} is not a vector"
         if variant.info["h_cast"]:
             cvt = next(n for n in match.nodes if n.target == CONVERT and n.args[1] == torch.float32
-                       and n.args[0].target in (aten.reshape.default, aten.view.default))
+                       and n.args[0].target in (aten.reshape.default, aten.view.default, aten.addmm.default))
             if val(cvt.args[0]).dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 return "unexpected pre-activation dtype"
         out = val(match.output_node())
         return {"x": kw["x"], "weight": kw["weight"], "bias": kw["bias"], "out_dtype": out.dtype,
-                "mm_dtype": x.dtype, "shape": kw["shape"]}
+                "mm_dtype": x.dtype, "shape": kw.get("shape")}
 
     def anchors(self, graph):
         # only a tanh whose input is the GELU polynomial: erf-GELU and plain tanh are not sites
@@ -84,13 +86,18 @@ class LinearGeluPattern(Family):
             h = arg.args[0].args[0] if isinstance(arg.args[0], torch.fx.Node) and arg.args[0].args else None
             if isinstance(h, torch.fx.Node) and h.target == CONVERT:
                 h = h.args[0]
-            if isinstance(h, torch.fx.Node) and h.target in (aten.reshape.default, aten.view.default) and \
-                    getattr(h.args[0], "target", None) == aten.addmm.default:
+            if isinstance(h, torch.fx.Node) and h.target in (aten.reshape.default, aten.view.default):
+                h = h.args[0]
+            if getattr(h, "target", None) == aten.addmm.default:
                 found.append(n)
         return found
 
     def replace(self, match, variant, site, ctx):
-        op, out_dtype, shape = ctx.impl(self.name), site["out_dtype"], list(site["shape"])
+        op, out_dtype = ctx.impl(self.name), site["out_dtype"]
+        if site["shape"] is None:  # 2-D Linear: no view around the addmm
+            ctx.replace(match, lambda x, w, b: op(x, w, b, out_dtype), [site["x"], site["weight"], site["bias"]])
+            return
+        shape = list(site["shape"])
         # symbolic dims of the output shape are graph nodes: pass them in as SymInt inputs
         sym = [i for i, s in enumerate(shape) if isinstance(s, torch.fx.Node)]
 

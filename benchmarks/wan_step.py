@@ -1,0 +1,158 @@
+"""One Wan denoising step (random weights, bf16 with diffusers' fp32 keep-modules):
+eager vs Inductor regional vs difffuse regional, modes alternated (A B C A B C ...).
+
+Regional compile is what `compile_repeated_blocks` does (each block compiled); here the
+compiled blocks of both backends share one model's weights, so a 14B model fits once.
+Prints median step time per mode, compile time (first call), relative error vs eager,
+difffuse's matches, attention and memory-bound kernel totals from the profiler, and the
+SM clock/power read during each round.
+
+    python benchmarks/wan_step.py --model 1.3b|14b|ti2v-5b [--layers N] [--rounds 3] [--steps 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _bench  # noqa: E402
+
+import difffuse  # noqa: E402
+
+COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+              qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+MODELS = {  # config, latent [C, F, H, W], per-token timestep
+    "1.3b": (dict(num_attention_heads=12, ffn_dim=8960, num_layers=30, in_channels=16, out_channels=16),
+             (16, 21, 60, 104), False),
+    "14b": (dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=16, out_channels=16),
+            (16, 21, 60, 104), False),
+    "ti2v-5b": (dict(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
+                (48, 31, 44, 80), True),
+}
+
+
+def build(name: str, layers: int | None):
+    from diffusers import WanTransformer3DModel
+
+    from difffuse.testing.tiny_models import to_dtype
+
+    cfg, latent, per_token = MODELS[name]
+    cfg = dict(COMMON, **cfg)
+    if layers:
+        cfg["num_layers"] = layers
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 on the GPU: a 14B model in fp32 would not fit
+    try:
+        with torch.device("cuda"):
+            model = WanTransformer3DModel(**cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    to_dtype(model, torch.bfloat16)
+    c, f, h, w = latent
+    tokens = f * (h // 2) * (w // 2)
+    timestep = torch.full((1, tokens) if per_token else (1,), 500, device="cuda")
+    kwargs = dict(hidden_states=torch.randn(1, c, f, h, w, device="cuda", dtype=torch.bfloat16),
+                  timestep=timestep,
+                  encoder_hidden_states=torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16),
+                  return_dict=False)
+    return model, kwargs, tokens
+
+
+def regional(blocks: nn.ModuleList, backend: str) -> nn.ModuleList:
+    """What compile_repeated_blocks does, as a separate ModuleList sharing the weights."""
+    return nn.ModuleList(torch.compile(b, backend=backend) for b in blocks)
+
+
+def step_ms(model, kwargs, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(**kwargs)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_totals(model, kwargs) -> tuple[float, float]:
+    """(attention ms, other non-GEMM kernels ms) in one step, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(**kwargs)
+        torch.cuda.synchronize()
+    attn = other = 0.0
+    for e in prof.key_averages():
+        if e.device_type.name != "CUDA":
+            continue
+        n, t = e.key.lower(), e.device_time_total / 1e3
+        if any(s in n for s in ("cudnn", "flash", "fmha", "attention", "sdpa")):
+            attn += t
+        elif not any(s in n for s in ("gemm", "cutlass", "sm90", "nvjet", "cublas", "memcpy", "memset")):
+            other += t
+    return attn, other
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=list(MODELS), default="1.3b")
+    ap.add_argument("--layers", type=int, default=None, help="fewer blocks than the real model")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model, kwargs, tokens = build(a.model, a.layers)
+    eager_blocks = model.blocks
+    blocks = {"eager": eager_blocks, "inductor": regional(eager_blocks, "inductor"),
+              "difffuse": regional(eager_blocks, "difffuse")}
+    print(_bench.header())
+    print(f"Wan {a.model}, {len(eager_blocks)} blocks, {tokens} tokens, bf16, regional compile")
+    res = {m: {"times": []} for m in blocks}
+    with torch.no_grad():
+        for mode, bl in blocks.items():  # first call = compile
+            model.blocks = bl
+            difffuse.reset_report()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            res[mode]["out"] = model(**kwargs)[0]
+            torch.cuda.synchronize()
+            res[mode]["compile s"] = time.perf_counter() - t
+            if mode == "difffuse":
+                res[mode]["matches"] = difffuse.report().matches()
+                res[mode]["misses"] = len(difffuse.report().misses)
+        for r in range(a.rounds):
+            for mode, bl in blocks.items():
+                model.blocks = bl
+                res[mode]["times"].append(step_ms(model, kwargs, a.steps))
+                res[mode].setdefault("clocks", []).append(_bench.clocks())
+            print(f"round {r}: " + ", ".join(f"{m} {res[m]['times'][-1]:.1f} ms" for m in blocks), flush=True)
+        for mode, bl in blocks.items():
+            model.blocks = bl
+            res[mode]["attn"], res[mode]["other"] = kernel_totals(model, kwargs)
+    ref, base = res["eager"]["out"], statistics.median(res["inductor"]["times"])
+    rows = []
+    for mode in blocks:
+        med = statistics.median(res[mode]["times"])
+        rows.append({"mode": mode, "step ms (median)": f"{med:.1f}", "vs inductor": f"{base / med:.3f}x",
+                     "first call s": f"{res[mode]['compile s']:.1f}",
+                     "rel err vs eager": f"{rel_err(res[mode]['out'], ref):.2e}",
+                     "attention ms": f"{res[mode]['attn']:.1f}", "other non-GEMM ms": f"{res[mode]['other']:.1f}",
+                     "clocks (MHz, W)": res[mode]["clocks"][-1]})
+    print()
+    print(_bench.table(rows, list(rows[0])))
+    print(f"\ndifffuse matches (per compiled block graph): {res['difffuse'].get('matches')}, "
+          f"misses {res['difffuse'].get('misses')}")
+
+
+if __name__ == "__main__":
+    main()
