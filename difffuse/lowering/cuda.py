@@ -44,10 +44,20 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out_dtype: torch.dtype)
     return torch.ops.aten._addmm_activation.default(bias, x, weight.t(), use_gelu=True).to(out_dtype)
 
 
+def norm_scale_shift(x, residual, gate, weight, bias, scale, shift, eps: float, k: float, is_rms: bool,
+                     residual_dtype: torch.dtype, out_dtype: torch.dtype):
+    """difffuse::norm_scale_shift. Without a residual, r is only x upcast: it is left as an
+    aten cast beside the kernel, so Inductor drops it when nothing reads it."""
+    if residual is None and gate is None and torch.promote_types(x.dtype, residual_dtype) == residual_dtype:
+        return tk.norm_modulate(x, weight, bias, scale, shift, eps, k, is_rms, out_dtype), x.to(residual_dtype)
+    return tk.norm_scale_shift(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, residual_dtype,
+                               out_dtype)
+
+
 IMPLS = {
     "rms_norm": torch.ops.difffuse.triton_rms_norm.default,
     "scale_shift": torch.ops.difffuse.triton_scale_shift.default,
-    "norm_scale_shift": torch.ops.difffuse.triton_norm_scale_shift.default,
+    "norm_scale_shift": norm_scale_shift,
     "qk_norm_rope": torch.ops.difffuse.triton_qk_norm_rope.default,
     "linear_gelu": linear_gelu,
 }

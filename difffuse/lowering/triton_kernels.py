@@ -1,7 +1,7 @@
 """Triton kernels for the CUDA lowering, one row (token) per program, fp32 math.
 
 Every tensor operand is read through its own strides over the output's leading dims
-(at most three, see ``lead3``), so broadcast modulation (``[B, 1, D]``, ``[1, 1, D]``,
+(at most three, see ``index_plan``), so broadcast modulation (``[B, 1, D]``, ``[1, 1, D]``,
 per token, per frame) and non-contiguous inputs need no copy. Outputs are contiguous.
 Each launcher is a ``torch.library.triton_op``: called eagerly it launches the kernel;
 traced under functionalization (``cuda.trace_replacement``) it becomes Inductor's
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op, wrap_triton
 
 MAX_D = 8192
@@ -36,24 +37,37 @@ def block(n: int) -> int:
     return triton.next_power_of_2(int(n))
 
 
-def warps(block_elems: int) -> int:
-    return min(16, max(4, block_elems // 256))
+# kernel name -> {block elements: num_warps}, measured on an H100 (benchmarks/tune_triton.py);
+# sizes not listed use the rule in `warps`.
+WARPS: dict[str, dict[int, int]] = {}
 
 
-def lead3(t: Optional[Tensor], shape, inner: int = 1) -> list:
-    """Strides of t broadcast to `shape`: three leading-dim strides (front-padded with 0)
-    then the strides of the last `inner` dims. A missing operand gives zeros."""
-    if t is None:
-        return [0] * (3 + inner)
-    st = list(t.expand(shape).stride())
-    lead = st[: len(shape) - inner]
-    return [0] * (3 - len(lead)) + lead + st[len(shape) - inner:]
+def warps(block_elems: int, kernel: str = "") -> int:
+    return WARPS.get(kernel, {}).get(block_elems) or min(16, max(4, block_elems // 256))
 
 
-def sizes3(shape, inner: int = 1) -> list:
-    """The leading dims of `shape` as three sizes (front-padded with 1)."""
-    lead = list(shape[: len(shape) - inner])
-    return [1] * (3 - len(lead)) + lead
+def index_plan(shape, operands, inner: int = 1):
+    """How the kernels index `operands` broadcast to `shape`: leading dims of size 1 are
+    dropped and neighbours that every operand walks contiguously are merged (only where
+    that is provable without guards), leaving at most three.
+    Returns ([N1, N2], [3 leading + `inner` strides per operand], LEAD = dims left)."""
+    n = len(shape) - inner
+    full = [list(t.expand(shape).stride()) if t is not None else [0] * len(shape) for t in operands]
+    dims: list = []  # (size, [stride per operand]), outermost first
+    for k in range(n):
+        if statically_known_true(shape[k] == 1):
+            continue
+        st = [f[k] for f in full]
+        if dims and all(statically_known_true(ps == s * shape[k]) for ps, s in zip(dims[-1][1], st)):
+            dims[-1] = (dims[-1][0] * shape[k], st)
+            continue
+        dims.append((shape[k], st))
+    if len(dims) > 3:
+        raise ValueError(f"{len(dims)} leading dims after merging: the kernels index at most 3")
+    lead = max(1, len(dims))
+    dims = [(1, [0] * len(operands))] * (3 - len(dims)) + dims
+    strides = [[d[1][o] for d in dims] + full[o][n:] for o in range(len(operands))]
+    return [dims[1][0], dims[2][0]], strides, lead
 
 
 def rows(shape, inner: int = 1) -> int:
@@ -64,9 +78,11 @@ def rows(shape, inner: int = 1) -> int:
 
 
 @triton.jit
-def _row(N1, N2):
-    """The program's row as three leading-dim indices (int64)."""
+def _row(N1, N2, LEAD: tl.constexpr):
+    """The program's row and its three leading-dim indices (int64)."""
     row = tl.program_id(0).to(tl.int64)
+    if LEAD == 1:
+        return row, row * 0, row * 0, row
     i2 = row % N2
     t = row // N2
     return row, t // N1, t % N1, i2
@@ -80,9 +96,9 @@ def _at(P, i0, i1, i2, s0, s1, s2):
 # ------------------------------------------------------------------ rms_norm
 @triton.jit
 def rms_norm_kernel(X, W, Y, N1, N2, sx0, sx1, sx2, sxd, D, eps,
-                    HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+                    HAS_W: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
     """y = x * rsqrt(mean(x², -1) + eps) [* w]."""
-    row, i0, i1, i2 = _row(N1, N2)
+    row, i0, i1, i2 = _row(N1, N2, LEAD)
     cols = tl.arange(0, BLOCK)
     m = cols < D
     x = tl.load(_at(X, i0, i1, i2, sx0, sx1, sx2) + cols * sxd, mask=m, other=0.0).to(tl.float32)
@@ -98,18 +114,18 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.d
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     w = weight.reshape(-1) if weight is not None else None
     b = block(d)
-    launch(rms_norm_kernel, (rows(x.shape),),
-        x, w, y, *sizes3(x.shape)[1:], *lead3(x, x.shape), d, eps,
-        HAS_W=w is not None, BLOCK=b, num_warps=warps(b))
+    sizes, (sx,), lead = index_plan(x.shape, [x])
+    launch(rms_norm_kernel, (rows(x.shape),), x, w, y, *sizes, *sx, d, eps,
+           HAS_W=w is not None, LEAD=lead, BLOCK=b, num_warps=warps(b, "rms_norm"))
     return y
 
 
 # ------------------------------------------------------------------ scale_shift
 @triton.jit
 def scale_shift_kernel(A, B, C, Y, N1, N2, sa0, sa1, sa2, sad, sb0, sb1, sb2, sbd,
-                       sc0, sc1, sc2, scd, D, k, HAS_C: tl.constexpr, BLOCK: tl.constexpr):
+                       sc0, sc1, sc2, scd, D, k, HAS_C: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
     """y = c + a * (k + b)."""
-    row, i0, i1, i2 = _row(N1, N2)
+    row, i0, i1, i2 = _row(N1, N2, LEAD)
     cols = tl.arange(0, BLOCK)
     m = cols < D
     a = tl.load(_at(A, i0, i1, i2, sa0, sa1, sa2) + cols * sad, mask=m).to(tl.float32)
@@ -126,9 +142,9 @@ def scale_shift(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: 
     y = torch.empty(shape, dtype=out_dtype, device=a.device)
     d = shape[-1]
     bl = block(d)
-    launch(scale_shift_kernel, (rows(shape),),
-        a, b, c, y, *sizes3(shape)[1:], *lead3(a, shape), *lead3(b, shape), *lead3(c, shape), d, k,
-        HAS_C=c is not None, BLOCK=bl, num_warps=warps(bl))
+    sizes, (sa, sb, sc), lead = index_plan(shape, [a, b, c])
+    launch(scale_shift_kernel, (rows(shape),), a, b, c, y, *sizes, *sa, *sb, *sc, d, k,
+           HAS_C=c is not None, LEAD=lead, BLOCK=bl, num_warps=warps(bl, "scale_shift"))
     return y
 
 
@@ -139,10 +155,11 @@ def norm_scale_shift_kernel(
         sx0, sx1, sx2, sxd, sr0, sr1, sr2, srd, sg0, sg1, sg2, sgd,
         ss0, ss1, ss2, ssd, sh0, sh1, sh2, shd, D, eps, k,
         HAS_RES: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_SC: tl.constexpr, HAS_SH: tl.constexpr, IS_RMS: tl.constexpr, BLOCK: tl.constexpr):
+        HAS_SC: tl.constexpr, HAS_SH: tl.constexpr, IS_RMS: tl.constexpr, STORE_R: tl.constexpr,
+        LEAD: tl.constexpr, BLOCK: tl.constexpr):
     """r = res + x * g (rounded to R's dtype); n = LayerNorm/RMSNorm(r) [* w] [+ bias];
     out = n * (k + scale) + shift."""
-    row, i0, i1, i2 = _row(N1, N2)
+    row, i0, i1, i2 = _row(N1, N2, LEAD)
     cols = tl.arange(0, BLOCK)
     m = cols < D
     x = tl.load(_at(X, i0, i1, i2, sx0, sx1, sx2) + cols * sxd, mask=m, other=0.0).to(tl.float32)
@@ -150,9 +167,12 @@ def norm_scale_shift_kernel(
         x = x * tl.load(_at(G, i0, i1, i2, sg0, sg1, sg2) + cols * sgd, mask=m, other=0.0).to(tl.float32)
     if HAS_RES:
         x = x + tl.load(_at(RES, i0, i1, i2, sr0, sr1, sr2) + cols * srd, mask=m, other=0.0).to(tl.float32)
-    r = x.to(R.dtype.element_ty)
-    tl.store(R + row * D + cols, r, mask=m)
-    r = r.to(tl.float32)
+    if STORE_R:  # r as the model rounds it; without R, x is read exactly (an upcast)
+        r = x.to(R.dtype.element_ty)
+        tl.store(R + row * D + cols, r, mask=m)
+        r = r.to(tl.float32)
+    else:
+        r = x
     if IS_RMS:
         n = r * tl.rsqrt(tl.sum(r * r, 0) / D + eps)
     else:
@@ -169,6 +189,21 @@ def norm_scale_shift_kernel(
     tl.store(OUT + row * D + cols, n.to(OUT.dtype.element_ty), mask=m)
 
 
+def _norm_launch(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, out, r):
+    shape = out.shape
+    d = shape[-1]
+    bl = block(d)
+    w = weight.reshape(-1) if weight is not None else None
+    bi = bias.reshape(-1) if bias is not None else None
+    sizes, (sx, sr, sg, ss, sh), lead = index_plan(shape, [x, residual, gate, scale, shift])
+    launch(norm_scale_shift_kernel, (rows(shape),),
+           x, residual, gate, w, bi, scale, shift, out, r, *sizes, *sx, *sr, *sg, *ss, *sh, d, eps, k,
+           HAS_RES=residual is not None, HAS_G=gate is not None, HAS_W=w is not None,
+           HAS_BIAS=bi is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
+           IS_RMS=is_rms, STORE_R=r is not None, LEAD=lead, BLOCK=bl,
+           num_warps=warps(bl, "norm_scale_shift"))
+
+
 @triton_op("difffuse::triton_norm_scale_shift", mutates_args=())
 def norm_scale_shift(x: Tensor, residual: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor],
                      bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor], eps: float,
@@ -177,18 +212,17 @@ def norm_scale_shift(x: Tensor, residual: Optional[Tensor], gate: Optional[Tenso
     shape = torch.broadcast_shapes(*[t.shape for t in (x, residual, gate) if t is not None])
     out = torch.empty(shape, dtype=out_dtype, device=x.device)
     r = torch.empty(shape, dtype=residual_dtype, device=x.device)
-    d = shape[-1]
-    bl = block(d)
-    w = weight.reshape(-1) if weight is not None else None
-    bi = bias.reshape(-1) if bias is not None else None
-    launch(norm_scale_shift_kernel, (rows(shape),),
-        x, residual, gate, w, bi, scale, shift, out, r, *sizes3(shape)[1:],
-        *lead3(x, shape), *lead3(residual, shape), *lead3(gate, shape), *lead3(scale, shape),
-        *lead3(shift, shape), d, eps, k,
-        HAS_RES=residual is not None, HAS_G=gate is not None, HAS_W=w is not None,
-        HAS_BIAS=bi is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
-        IS_RMS=is_rms, BLOCK=bl, num_warps=warps(bl))
+    _norm_launch(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, out, r)
     return out, r
+
+
+@triton_op("difffuse::triton_norm_modulate", mutates_args=())
+def norm_modulate(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale: Optional[Tensor],
+                  shift: Optional[Tensor], eps: float, k: float, is_rms: bool, out_dtype: torch.dtype) -> Tensor:
+    """norm_scale_shift without a residual: out only (x read exactly, nothing else written)."""
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _norm_launch(x, None, None, weight, bias, scale, shift, eps, k, is_rms, out, None)
+    return out
 
 
 # ------------------------------------------------------------------ qk_norm_rope
@@ -196,49 +230,45 @@ def norm_scale_shift(x: Tensor, residual: Optional[Tensor], gate: Optional[Tenso
 def qk_norm_rope_kernel(
         X, W, COS, SIN, Y, N1, N2, H, HD,
         sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, swh, eps,
-        ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr,
+        ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, LEAD: tl.constexpr,
         BH: tl.constexpr, BHALF: tl.constexpr):
     """One token: n = rms_norm(x) over all heads (ACROSS) or per head, [* w];
-    y = rope(n): interleaved pairs (2i, 2i+1) or neox halves (i, i + HD/2)."""
-    row, i0, i1, i2 = _row(N1, N2)
-    h = tl.arange(0, BH)[:, None]
-    i = tl.arange(0, BHALF)[None, :]
+    y = rope(n) on pairs (a, b) = (2i, 2i+1) (interleaved) or (i, i + HD/2) (neox):
+    interleaved: ya = na*cos[a] - nb*sin[b], yb = na*sin[b] + nb*cos[a];
+    neox:        ya = na*cos[a] - nb*sin[a], yb = nb*cos[b] + na*sin[b].
+    Every operand is read as a [heads, pairs, 2] tile and split into its a/b halves."""
+    row, i0, i1, i2 = _row(N1, N2, LEAD)
+    h = tl.arange(0, BH)[:, None, None]
+    i = tl.arange(0, BHALF)[None, :, None]
+    j = tl.arange(0, 2)[None, None, :]
     half = HD // 2
-    m = (h < H) & (i < half)
+    m = (h < H) & (i < half) & (j < 2)
     if INTERLEAVED:
-        ia = 2 * i
-        ib = 2 * i + 1
+        d = 2 * i + j
     else:
-        ia = i
-        ib = i + half
-    xp = _at(X, i0, i1, i2, sx0, sx1, sx2) + h * sxh
-    xa = tl.load(xp + ia * sxd, mask=m, other=0.0).to(tl.float32)
-    xb = tl.load(xp + ib * sxd, mask=m, other=0.0).to(tl.float32)
-    sq = xa * xa + xb * xb
+        d = j * half + i
+    x = tl.load(_at(X, i0, i1, i2, sx0, sx1, sx2) + h * sxh + d * sxd, mask=m, other=0.0).to(tl.float32)
+    sq = x * x
     if ACROSS:
-        r = tl.rsqrt(tl.sum(tl.sum(sq, 1), 0) / (H * HD) + eps)
+        r = tl.rsqrt(tl.sum(tl.sum(tl.sum(sq, 2), 1), 0) / (H * HD) + eps)
     else:
-        r = tl.rsqrt(tl.sum(sq, 1) / HD + eps)[:, None]
-    na = xa * r
-    nb = xb * r
+        r = tl.rsqrt(tl.sum(tl.sum(sq, 2), 1) / HD + eps)[:, None, None]
+    n = x * r
     if HAS_W:
-        na = na * tl.load(W + h * swh + ia, mask=m, other=0.0).to(tl.float32)
-        nb = nb * tl.load(W + h * swh + ib, mask=m, other=0.0).to(tl.float32)
-    cp = _at(COS, i0, i1, i2, sc0, sc1, sc2) + h * sch
-    sp = _at(SIN, i0, i1, i2, ss0, ss1, ss2) + h * ssh
-    ca = tl.load(cp + ia * scd, mask=m, other=0.0).to(tl.float32)
-    sb = tl.load(sp + ib * ssd, mask=m, other=0.0).to(tl.float32)
+        n = n * tl.load(W + h * swh + d, mask=m, other=0.0).to(tl.float32)
+    c = tl.load(_at(COS, i0, i1, i2, sc0, sc1, sc2) + h * sch + d * scd, mask=m, other=0.0).to(tl.float32)
+    s = tl.load(_at(SIN, i0, i1, i2, ss0, ss1, ss2) + h * ssh + d * ssd, mask=m, other=0.0).to(tl.float32)
+    na, nb = tl.split(n)
+    ca, cb = tl.split(c)
+    sa, sb = tl.split(s)
     if INTERLEAVED:
         ya = na * ca - nb * sb
         yb = na * sb + nb * ca
     else:
-        cb = tl.load(cp + ib * scd, mask=m, other=0.0).to(tl.float32)
-        sa = tl.load(sp + ia * ssd, mask=m, other=0.0).to(tl.float32)
         ya = na * ca - nb * sa
         yb = nb * cb + na * sb
-    yp = Y + row * H * HD + h * HD
-    tl.store(yp + ia, ya.to(Y.dtype.element_ty), mask=m)
-    tl.store(yp + ib, yb.to(Y.dtype.element_ty), mask=m)
+    y = tl.join(ya, yb)
+    tl.store(Y + row * H * HD + h * HD + d, y.to(Y.dtype.element_ty), mask=m)
 
 
 @triton_op("difffuse::triton_qk_norm_rope", mutates_args=())
@@ -251,9 +281,9 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
     swh = hd if across_heads else 0
     w = weight.reshape(-1) if weight is not None else None
     bh, bhalf = block(num_heads), block(hd // 2)
+    sizes, (sx, sc, ss), lead = index_plan(shape, [xv, cos, sin], inner=2)
     launch(qk_norm_rope_kernel, (rows(shape, 2),),
-        xv, w, cos, sin, y, *sizes3(shape, 2)[1:], num_heads, hd,
-        *lead3(xv, shape, 2), *lead3(cos, shape, 2), *lead3(sin, shape, 2), swh, eps,
-        ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None,
-        BH=bh, BHALF=bhalf, num_warps=warps(bh * bhalf * 2))
+        xv, w, cos, sin, y, *sizes, num_heads, hd, *sx, *sc, *ss, swh, eps,
+        ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, LEAD=lead,
+        BH=bh, BHALF=bhalf, num_warps=warps(bh * bhalf * 2, "qk_norm_rope"))
     return y

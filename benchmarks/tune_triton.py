@@ -1,0 +1,96 @@
+"""Sweep num_warps for each difffuse Triton kernel at Wan shapes (bf16) and print the
+fastest, in the form of `triton_kernels.WARPS`. Kernels are launched directly (no HOP
+dispatch), timed with L2 flushed.
+
+    python benchmarks/tune_triton.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch._library.triton import set_wrap_triton_enabled
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _bench  # noqa: E402
+
+from difffuse.lowering import cuda  # noqa: E402
+from difffuse.lowering import triton_kernels as tk  # noqa: E402
+
+BF16, F32 = torch.bfloat16, torch.float32
+L = 32760
+
+
+def r(*shape, dtype=BF16):
+    return torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+def tables(hd=128):
+    return r(1, L, 1, hd, dtype=F32), r(1, L, 1, hd, dtype=F32)
+
+
+CASES = [  # (kernel key, label, fn, args)
+    ("rms_norm", "D=1536", cuda.IMPLS["rms_norm"], lambda: (r(1, L, 1536), r(1536), 1e-6, BF16)),
+    ("rms_norm", "D=5120", cuda.IMPLS["rms_norm"], lambda: (r(1, L, 5120), r(5120), 1e-6, BF16)),
+    ("scale_shift", "gated residual D=1536", cuda.IMPLS["scale_shift"],
+     lambda: (r(1, L, 1536), r(1, 1, 1536, dtype=F32), r(1, L, 1536), 0.0, BF16)),
+    ("norm_scale_shift", "LN mod D=1536", tk.norm_modulate,
+     lambda: (r(1, L, 1536), None, None, r(1, 1, 1536, dtype=F32), r(1, 1, 1536, dtype=F32), 1e-6, 1.0, False, BF16)),
+    ("norm_scale_shift", "res+gate affine LN D=1536", cuda.IMPLS["norm_scale_shift"],
+     lambda: (r(1, L, 1536), r(1, L, 1536), r(1, 1, 1536, dtype=F32), r(1536, dtype=F32), r(1536, dtype=F32),
+              None, None, 1e-6, 1.0, False, BF16, BF16)),
+    ("norm_scale_shift", "LN mod D=5120", tk.norm_modulate,
+     lambda: (r(1, L, 5120), None, None, r(1, 1, 5120, dtype=F32), r(1, 1, 5120, dtype=F32), 1e-6, 1.0, False, BF16)),
+    ("qk_norm_rope", "12x128", cuda.IMPLS["qk_norm_rope"],
+     lambda: (r(1, L, 1536), r(1536), *tables(), 1e-6, 12, True, True, BF16)),
+    ("qk_norm_rope", "40x128", cuda.IMPLS["qk_norm_rope"],
+     lambda: (r(1, L, 5120), r(5120), *tables(), 1e-6, 40, True, True, BF16)),
+]
+BLOCKS = {"rms_norm": lambda a: tk.block(a[0].shape[-1]), "scale_shift": lambda a: tk.block(a[0].shape[-1]),
+          "norm_scale_shift": lambda a: tk.block(a[0].shape[-1]),
+          "qk_norm_rope": lambda a: tk.block(a[6]) * tk.block(a[0].shape[-1] // a[6] // 2) * 2}
+
+
+def nbytes(args, out) -> int:
+    outs = out if isinstance(out, tuple) else (out,)
+    return sum(t.numel() * t.element_size() for t in (*args, *outs) if isinstance(t, torch.Tensor))
+
+
+def main():
+    bw = _bench.copy_bandwidth()
+    print(_bench.header())
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    best: dict = {}
+    rows = []
+    with torch.no_grad(), set_wrap_triton_enabled(False):
+        for key, label, fn, make in CASES:
+            args = make()
+            blk = BLOCKS[key](args)
+            row = {"kernel": f"{key} {label}", "block": blk}
+            times = {}
+            for w in (1, 2, 4, 8, 16, 32):
+                tk.WARPS[key] = {blk: w}
+                try:
+                    times[w] = _bench.bench_ms(lambda: fn(*args)) * 1e3
+                    row[f"w{w} µs"] = f"{times[w]:.1f}"
+                except Exception as exc:  # noqa: BLE001  (a config Triton cannot build)
+                    row[f"w{w} µs"] = type(exc).__name__
+            tk.WARPS.pop(key)
+            w = min(times, key=times.get)
+            floor = nbytes(args, fn(*args)) / bw * 1e6
+            row.update({"best": w, "floor µs": f"{floor:.1f}", "% of copy bw": f"{100 * floor / times[w]:.0f}"})
+            best.setdefault(key, {})[blk] = w
+            rows.append(row)
+            print(row, flush=True)
+    print()
+    print(_bench.table(rows, list(rows[0])))
+    print(f"\nWARPS = {best}")
+    if len(sys.argv) > 1:  # a file to write the table to (json), for benchmarks/kernels.py --warps
+        import json
+
+        Path(sys.argv[1]).write_text(json.dumps(best))
+
+
+if __name__ == "__main__":
+    main()
