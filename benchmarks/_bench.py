@@ -47,3 +47,17 @@ def table(rows: list[dict], cols: list[str]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def load_warps(path: str | None) -> None:
+    """Apply a num_warps table written by tune_triton.py (for runs before it is in the code)."""
+    if not path:
+        return
+    import json
+    from pathlib import Path
+
+    from difffuse.lowering import triton_kernels as tk
+
+    for k, tab in json.loads(Path(path).read_text()).items():
+        tk.WARPS.setdefault(k, {}).update({int(b): w for b, w in tab.items()})
+    print(f"num_warps table: {tk.WARPS}")

@@ -184,14 +184,7 @@ def main():
     ap.add_argument("--only", default=None, help="substring of a subgraph name")
     ap.add_argument("--warps", default=None, help="json file from tune_triton.py: Triton num_warps table")
     a = ap.parse_args()
-    if a.warps:
-        import json
-
-        from difffuse.lowering import triton_kernels as tk
-
-        for k, table_ in json.loads(Path(a.warps).read_text()).items():
-            tk.WARPS[k] = {int(b): w for b, w in table_.items()}
-        print(f"num_warps table: {tk.WARPS}")
+    _bench.load_warps(a.warps)
     bw = _bench.copy_bandwidth()
     print(_bench.header())
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); clocks before: {_bench.clocks()}")

@@ -44,6 +44,8 @@ CASES = [  # (kernel key, label, fn, args)
      lambda: (r(1, L, 5120), None, None, r(1, 1, 5120, dtype=F32), r(1, 1, 5120, dtype=F32), 1e-6, 1.0, False, BF16)),
     ("qk_norm_rope", "12x128", cuda.IMPLS["qk_norm_rope"],
      lambda: (r(1, L, 1536), r(1536), *tables(), 1e-6, 12, True, True, BF16)),
+    ("qk_norm_rope", "24x128", cuda.IMPLS["qk_norm_rope"],
+     lambda: (r(1, L, 3072), r(3072), *tables(), 1e-6, 24, True, True, BF16)),
     ("qk_norm_rope", "40x128", cuda.IMPLS["qk_norm_rope"],
      lambda: (r(1, L, 5120), r(5120), *tables(), 1e-6, 40, True, True, BF16)),
 ]
@@ -64,11 +66,14 @@ def main():
     best: dict = {}
     rows = []
     with torch.no_grad(), set_wrap_triton_enabled(False):
+        only = sys.argv[2] if len(sys.argv) > 2 else ""
         for key, label, fn, make in CASES:
+            if only not in key:
+                continue
             args = make()
             blk = BLOCKS[key](args)
             row = {"kernel": f"{key} {label}", "block": blk}
-            times = {}
+            times, saved = {}, tk.WARPS.get(key)
             for w in (1, 2, 4, 8, 16, 32):
                 tk.WARPS[key] = {blk: w}
                 try:
@@ -76,7 +81,7 @@ def main():
                     row[f"w{w} µs"] = f"{times[w]:.1f}"
                 except Exception as exc:  # noqa: BLE001  (a config Triton cannot build)
                     row[f"w{w} µs"] = type(exc).__name__
-            tk.WARPS.pop(key)
+            tk.WARPS[key] = saved or {}
             w = min(times, key=times.get)
             floor = nbytes(args, fn(*args)) / bw * 1e6
             row.update({"best": w, "floor µs": f"{floor:.1f}", "% of copy bw": f"{100 * floor / times[w]:.0f}"})

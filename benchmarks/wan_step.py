@@ -109,7 +109,9 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="fewer blocks than the real model")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warps", default=None, help="json file from tune_triton.py: Triton num_warps table")
     a = ap.parse_args()
+    _bench.load_warps(a.warps)
     torch.manual_seed(0)
     model, kwargs, tokens = build(a.model, a.layers)
     eager_blocks = model.blocks

@@ -71,6 +71,8 @@ CASES = {
                                             table(7, 1, 8), 1e-5, 3, False, True, dt),
         "per-head-neox-strided": lambda dt: (rnd(2, 3, 7, 8, dtype=dt).transpose(1, 2), rnd(8), table(2, 7, 1, 8),
                                              table(2, 7, 1, 8), 1e-6, 3, False, False, F32),
+        "per-head-tables-hd12": lambda dt: (rnd(2, 5, 36, dtype=dt), rnd(36), table(2, 5, 3, 12), table(2, 5, 3, 12),
+                                            1e-6, 3, True, False, dt),
         "complex-table": lambda dt: (rnd(2, 7, 3, 16, dtype=dt), rnd(16), *(complex_table(7, 16),) * 2,
                                      1e-6, 3, False, True, dt),
     },

@@ -39,7 +39,11 @@ def block(n: int) -> int:
 
 # kernel name -> {block elements: num_warps}, measured on an H100 (benchmarks/tune_triton.py);
 # sizes not listed use the rule in `warps`.
-WARPS: dict[str, dict[int, int]] = {}
+WARPS: dict[str, dict[int, int]] = {
+    "rms_norm": {2048: 4, 8192: 8},
+    "scale_shift": {2048: 4},
+    "norm_scale_shift": {2048: 2, 8192: 8},
+}
 
 
 def warps(block_elems: int, kernel: str = "") -> int:
@@ -227,48 +231,79 @@ def norm_modulate(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], s
 
 # ------------------------------------------------------------------ qk_norm_rope
 @triton.jit
+def _pairs(P, h, HD: tl.constexpr, BHALF: tl.constexpr, sh, sd, m, INTERLEAVED: tl.constexpr,
+           FLAT: tl.constexpr):
+    """Load a [heads, head_dim] tile as fp32 pair halves (a, b), each [heads, HD/2]:
+    (2i, 2i+1) if INTERLEAVED else (i, i + HD/2). FLAT (HD a power of two): one
+    contiguous [heads, HD] load split in registers; else a strided [heads, pairs, 2] load."""
+    if FLAT:
+        d = tl.arange(0, HD)[None, :]
+        t = tl.load(P + h * sh + d * sd, mask=m, other=0.0).to(tl.float32)
+        if INTERLEAVED:
+            t = tl.reshape(t, [t.shape[0], HD // 2, 2])
+        else:
+            t = tl.permute(tl.reshape(t, [t.shape[0], 2, HD // 2]), (0, 2, 1))
+    else:
+        i = tl.arange(0, BHALF)[None, :, None]
+        j = tl.arange(0, 2)[None, None, :]
+        d = 2 * i + j if INTERLEAVED else j * (HD // 2) + i
+        t = tl.load(P + h[:, :, None] * sh + d * sd, mask=m[:, :, None] & (i < HD // 2) & (j < 2),
+                    other=0.0).to(tl.float32)
+    return tl.split(t)
+
+
+@triton.jit
 def qk_norm_rope_kernel(
-        X, W, COS, SIN, Y, N1, N2, H, HD,
-        sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, swh, eps,
+        X, W, COS, SIN, Y, N1, N2, H,
+        sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, eps,
         ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, LEAD: tl.constexpr,
-        BH: tl.constexpr, BHALF: tl.constexpr):
+        HD: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr, FLAT: tl.constexpr,
+        SHARED_TABLE: tl.constexpr):
     """One token: n = rms_norm(x) over all heads (ACROSS) or per head, [* w];
     y = rope(n) on pairs (a, b) = (2i, 2i+1) (interleaved) or (i, i + HD/2) (neox):
     interleaved: ya = na*cos[a] - nb*sin[b], yb = na*sin[b] + nb*cos[a];
     neox:        ya = na*cos[a] - nb*sin[a], yb = nb*cos[b] + na*sin[b].
-    Every operand is read as a [heads, pairs, 2] tile and split into its a/b halves."""
+    SHARED_TABLE: cos/sin are the same for every head, read once per token."""
     row, i0, i1, i2 = _row(N1, N2, LEAD)
-    h = tl.arange(0, BH)[:, None, None]
-    i = tl.arange(0, BHALF)[None, :, None]
-    j = tl.arange(0, 2)[None, None, :]
-    half = HD // 2
-    m = (h < H) & (i < half) & (j < 2)
-    if INTERLEAVED:
-        d = 2 * i + j
-    else:
-        d = j * half + i
-    x = tl.load(_at(X, i0, i1, i2, sx0, sx1, sx2) + h * sxh + d * sxd, mask=m, other=0.0).to(tl.float32)
-    sq = x * x
+    h = tl.arange(0, BH)[:, None]
+    m = h < H
+    xa, xb = _pairs(_at(X, i0, i1, i2, sx0, sx1, sx2), h, HD, BHALF, sxh, sxd, m, INTERLEAVED, FLAT)
+    sq = xa * xa + xb * xb
     if ACROSS:
-        r = tl.rsqrt(tl.sum(tl.sum(tl.sum(sq, 2), 1), 0) / (H * HD) + eps)
+        r = tl.rsqrt(tl.sum(tl.sum(sq, 1), 0) / (H * HD) + eps)
     else:
-        r = tl.rsqrt(tl.sum(tl.sum(sq, 2), 1) / HD + eps)[:, None, None]
-    n = x * r
-    if HAS_W:
-        n = n * tl.load(W + h * swh + d, mask=m, other=0.0).to(tl.float32)
-    c = tl.load(_at(COS, i0, i1, i2, sc0, sc1, sc2) + h * sch + d * scd, mask=m, other=0.0).to(tl.float32)
-    s = tl.load(_at(SIN, i0, i1, i2, ss0, ss1, ss2) + h * ssh + d * ssd, mask=m, other=0.0).to(tl.float32)
-    na, nb = tl.split(n)
-    ca, cb = tl.split(c)
-    sa, sb = tl.split(s)
+        r = tl.rsqrt(tl.sum(sq, 1) / HD + eps)[:, None]
+    na = xa * r
+    nb = xb * r
+    one = tl.arange(0, 1)[:, None]  # a single row, broadcast over the heads
+    if HAS_W:  # across heads: one weight row per head; per head: one shared row
+        hw = h if ACROSS else one
+        wa, wb = _pairs(W, hw, HD, BHALF, HD, 1, hw < H, INTERLEAVED, FLAT)
+        na = na * wa
+        nb = nb * wb
+    ht = one if SHARED_TABLE else h
+    mt = ht < H
+    ca, cb = _pairs(_at(COS, i0, i1, i2, sc0, sc1, sc2), ht, HD, BHALF, sch, scd, mt, INTERLEAVED, FLAT)
+    sa, sb = _pairs(_at(SIN, i0, i1, i2, ss0, ss1, ss2), ht, HD, BHALF, ssh, ssd, mt, INTERLEAVED, FLAT)
     if INTERLEAVED:
         ya = na * ca - nb * sb
         yb = na * sb + nb * ca
     else:
         ya = na * ca - nb * sa
         yb = nb * cb + na * sb
-    y = tl.join(ya, yb)
-    tl.store(Y + row * H * HD + h * HD + d, y.to(Y.dtype.element_ty), mask=m)
+    y = tl.join(ya, yb)  # [heads, pairs, 2]
+    yp = Y + row * H * HD + h * HD
+    if FLAT:
+        if INTERLEAVED:
+            y = tl.reshape(y, [BH, HD])
+        else:
+            y = tl.reshape(tl.permute(y, (0, 2, 1)), [BH, HD])
+        tl.store(yp + tl.arange(0, HD)[None, :], y.to(Y.dtype.element_ty), mask=m)
+    else:
+        i = tl.arange(0, BHALF)[None, :, None]
+        j = tl.arange(0, 2)[None, None, :]
+        d = 2 * i + j if INTERLEAVED else j * (HD // 2) + i
+        tl.store(yp[:, :, None] + d, y.to(Y.dtype.element_ty), mask=m[:, :, None] & (i < HD // 2) & (j < 2))
 
 
 @triton_op("difffuse::triton_qk_norm_rope", mutates_args=())
@@ -278,12 +313,12 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
     shape = xv.shape
     hd = shape[-1]
     y = torch.empty(shape, dtype=out_dtype, device=x.device)
-    swh = hd if across_heads else 0
     w = weight.reshape(-1) if weight is not None else None
     bh, bhalf = block(num_heads), block(hd // 2)
     sizes, (sx, sc, ss), lead = index_plan(shape, [xv, cos, sin], inner=2)
-    launch(qk_norm_rope_kernel, (rows(shape, 2),),
-        xv, w, cos, sin, y, *sizes, num_heads, hd, *sx, *sc, *ss, swh, eps,
-        ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, LEAD=lead,
-        BH=bh, BHALF=bhalf, num_warps=warps(bh * bhalf * 2, "qk_norm_rope"))
+    shared = statically_known_true(sc[3] == 0) and statically_known_true(ss[3] == 0)
+    launch(qk_norm_rope_kernel, (rows(shape, 2),), xv, w, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss, eps,
+           ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, LEAD=lead, HD=hd, BH=bh,
+           BHALF=bhalf, FLAT=hd == 2 * bhalf, SHARED_TABLE=shared,
+           num_warps=warps(bh * bhalf * 2, "qk_norm_rope"))
     return y
