@@ -43,6 +43,7 @@ WARPS: dict[str, dict[int, int]] = {
     "rms_norm": {2048: 4, 8192: 8},
     "scale_shift": {2048: 4},
     "norm_scale_shift": {2048: 2, 8192: 8},
+    "qk_norm_rope": {2048: 4, 4096: 8, 8192: 8},
 }
 
 
