@@ -9,10 +9,14 @@ import torch
 
 import difffuse
 from difffuse.testing.tiny_pipelines import PIPELINES
-from test_pipelines import call
+from test_pipelines import call as cpu_call
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.cuda
+
+
+def call(pipe, kind):
+    return cpu_call(pipe, kind, device="cuda")
 
 
 def fresh(kind="t2v", device="cuda"):
