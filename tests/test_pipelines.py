@@ -14,10 +14,10 @@ pytest.importorskip("diffusers")
 OPTS = {"lowering": "reference"}
 
 
-def call(pipe, kind, h=32, w=32, frames=9, steps=2, device="cpu"):
+def call(pipe, kind, h=32, w=32, frames=9, steps=2, device="cpu", guidance=5.0):
     pe, ne = (t.to(device) for t in prompt_embeds())
     kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=h, width=w, num_frames=frames,
-              num_inference_steps=steps, guidance_scale=5.0, output_type="np",
+              num_inference_steps=steps, guidance_scale=guidance, output_type="np",
               generator=torch.Generator().manual_seed(0))
     if kind == "i2v":
         from PIL import Image

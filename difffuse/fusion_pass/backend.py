@@ -61,9 +61,10 @@ def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
         return _run_eager(gm, example_inputs, fusion)
     patches["post_grad_custom_post_pass"] = fusion
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
-    if not fusion.ran:  # Inductor's cache answered: the pass did not run
+    if not fusion.ran:  # Inductor's cache answered, or the graph had nothing to compile
         rec = load_record(key) or GraphRecord(name, cfg.lowering, cached=True, notes=[
-            "compiled graph came from Inductor's cache; its matches were not recorded by this difffuse"])
+            "Inductor did not run its post-grad passes on this graph (a cache hit whose matches this "
+            "difffuse did not record, or a graph with no operations to compile)"])
         rec.graph = name
         add_record(rec)
     return compiled

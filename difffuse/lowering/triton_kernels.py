@@ -40,8 +40,8 @@ def block(n: int) -> int:
 # kernel name -> {block elements: num_warps}, measured on an H100 (benchmarks/tune_triton.py);
 # sizes not listed use the rule in `warps`.
 WARPS: dict[str, dict[int, int]] = {
-    "rms_norm": {2048: 4, 4096: 8, 8192: 8},
-    "scale_shift": {2048: 4, 4096: 4, 8192: 8},
+    "rms_norm": {2048: 4, 4096: 4, 8192: 8},
+    "scale_shift": {2048: 4, 4096: 8, 8192: 8},
     "norm_scale_shift": {2048: 2, 4096: 4, 8192: 8},
     "qk_norm_rope": {2048: 4, 4096: 8, 8192: 8},
 }
