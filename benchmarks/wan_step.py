@@ -80,8 +80,9 @@ def step_ms(model, kwargs, steps: int) -> float:
     return statistics.median(times)
 
 
-def kernel_totals(model, kwargs) -> tuple[float, float]:
-    """(attention ms, other non-GEMM kernels ms) in one step, from the profiler."""
+def kernel_totals(model, kwargs, top: list | None = None) -> tuple[float, float]:
+    """(attention ms, other non-GEMM kernels ms) in one step, from the profiler; `top`
+    receives the non-GEMM, non-attention kernels as (ms, name), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -96,6 +97,10 @@ def kernel_totals(model, kwargs) -> tuple[float, float]:
             attn += t
         elif not any(s in n for s in ("gemm", "cutlass", "sm90", "nvjet", "cublas", "memcpy", "memset")):
             other += t
+            if top is not None:
+                top.append((t, e.key[:90]))
+    if top is not None:
+        top.sort(reverse=True)
     return attn, other
 
 
@@ -140,7 +145,8 @@ def main():
             print(f"round {r}: " + ", ".join(f"{m} {res[m]['times'][-1]:.1f} ms" for m in blocks), flush=True)
         for mode, bl in blocks.items():
             model.blocks = bl
-            res[mode]["attn"], res[mode]["other"] = kernel_totals(model, kwargs)
+            res[mode]["top"] = []
+            res[mode]["attn"], res[mode]["other"] = kernel_totals(model, kwargs, res[mode]["top"])
     ref, base = res["eager"]["out"], statistics.median(res["inductor"]["times"])
     rows = []
     for mode in blocks:
@@ -152,6 +158,10 @@ def main():
                      "clocks (MHz, W)": res[mode]["clocks"][-1]})
     print()
     print(_bench.table(rows, list(rows[0])))
+    for mode in ("inductor", "difffuse"):
+        print(f"\ntop memory-bound kernels, {mode} (ms per step):")
+        for t, name in res[mode]["top"][:10]:
+            print(f"  {t:8.2f}  {name}")
     print(f"\ndifffuse matches (per compiled block graph): {res['difffuse'].get('matches')}, "
           f"misses {res['difffuse'].get('misses')}")
 

@@ -43,7 +43,6 @@ WARPS: dict[str, dict[int, int]] = {
     "rms_norm": {2048: 4, 4096: 4, 8192: 8},
     "scale_shift": {2048: 4, 4096: 8, 8192: 8},
     "norm_scale_shift": {2048: 2, 4096: 4, 8192: 8},
-    "qk_norm_rope": {2048: 4, 4096: 8, 8192: 8},
 }
 
 
@@ -258,53 +257,74 @@ def qk_norm_rope_kernel(
         X, W, COS, SIN, Y, N1, N2, H,
         sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, eps,
         ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, LEAD: tl.constexpr,
-        HD: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr, FLAT: tl.constexpr,
+        HD: tl.constexpr, HC: tl.constexpr, BHALF: tl.constexpr, FLAT: tl.constexpr,
         SHARED_TABLE: tl.constexpr):
-    """One token: n = rms_norm(x) over all heads (ACROSS) or per head, [* w];
+    """One token, HC heads at a time: n = rms_norm(x) over all heads (ACROSS: a first pass
+    sums the squares, the second re-reads x from cache) or per head, [* w];
     y = rope(n) on pairs (a, b) = (2i, 2i+1) (interleaved) or (i, i + HD/2) (neox):
     interleaved: ya = na*cos[a] - nb*sin[b], yb = na*sin[b] + nb*cos[a];
     neox:        ya = na*cos[a] - nb*sin[a], yb = nb*cos[b] + na*sin[b].
     SHARED_TABLE: cos/sin are the same for every head, read once per token."""
     row, i0, i1, i2 = _row(N1, N2, LEAD)
-    h = tl.arange(0, BH)[:, None]
-    m = h < H
-    xa, xb = _pairs(_at(X, i0, i1, i2, sx0, sx1, sx2), h, HD, BHALF, sxh, sxd, m, INTERLEAVED, FLAT)
-    sq = xa * xa + xb * xb
-    if ACROSS:
-        r = tl.rsqrt(tl.sum(tl.sum(sq, 1), 0) / (H * HD) + eps)
-    else:
-        r = tl.rsqrt(tl.sum(sq, 1) / HD + eps)[:, None]
-    na = xa * r
-    nb = xb * r
+    h = tl.arange(0, HC)[:, None]
     one = tl.arange(0, 1)[:, None]  # a single row, broadcast over the heads
-    if HAS_W:  # across heads: one weight row per head; per head: one shared row
-        hw = h if ACROSS else one
-        wa, wb = _pairs(W, hw, HD, BHALF, HD, 1, hw < H, INTERLEAVED, FLAT)
-        na = na * wa
-        nb = nb * wb
-    ht = one if SHARED_TABLE else h
-    mt = ht < H
-    ca, cb = _pairs(_at(COS, i0, i1, i2, sc0, sc1, sc2), ht, HD, BHALF, sch, scd, mt, INTERLEAVED, FLAT)
-    sa, sb = _pairs(_at(SIN, i0, i1, i2, ss0, ss1, ss2), ht, HD, BHALF, ssh, ssd, mt, INTERLEAVED, FLAT)
-    if INTERLEAVED:
-        ya = na * ca - nb * sb
-        yb = na * sb + nb * ca
-    else:
-        ya = na * ca - nb * sa
-        yb = nb * cb + na * sb
-    y = tl.join(ya, yb)  # [heads, pairs, 2]
-    yp = Y + row * H * HD + h * HD
-    if FLAT:
-        if INTERLEAVED:
-            y = tl.reshape(y, [BH, HD])
+    xrow = _at(X, i0, i1, i2, sx0, sx1, sx2)
+    crow = _at(COS, i0, i1, i2, sc0, sc1, sc2)
+    srow = _at(SIN, i0, i1, i2, ss0, ss1, ss2)
+    if ACROSS:
+        acc = tl.zeros([HC, BHALF], dtype=tl.float32)
+        for c in range(0, H, HC):
+            xa, xb = _pairs(xrow, c + h, HD, BHALF, sxh, sxd, c + h < H, INTERLEAVED, FLAT)
+            acc += xa * xa + xb * xb
+        r_all = tl.rsqrt(tl.sum(tl.sum(acc, 1), 0) / (H * HD) + eps)
+    if SHARED_TABLE:
+        ca, cb = _pairs(crow, one, HD, BHALF, 0, scd, one < 1, INTERLEAVED, FLAT)
+        sa, sb = _pairs(srow, one, HD, BHALF, 0, ssd, one < 1, INTERLEAVED, FLAT)
+    if HAS_W and not ACROSS:  # per head: one weight row shared by the heads
+        wa, wb = _pairs(W, one, HD, BHALF, 0, 1, one < 1, INTERLEAVED, FLAT)
+    for c in range(0, H, HC):
+        hh = c + h
+        m = hh < H
+        xa, xb = _pairs(xrow, hh, HD, BHALF, sxh, sxd, m, INTERLEAVED, FLAT)
+        if ACROSS:
+            r = r_all
         else:
-            y = tl.reshape(tl.permute(y, (0, 2, 1)), [BH, HD])
-        tl.store(yp + tl.arange(0, HD)[None, :], y.to(Y.dtype.element_ty), mask=m)
-    else:
-        i = tl.arange(0, BHALF)[None, :, None]
-        j = tl.arange(0, 2)[None, None, :]
-        d = 2 * i + j if INTERLEAVED else j * (HD // 2) + i
-        tl.store(yp[:, :, None] + d, y.to(Y.dtype.element_ty), mask=m[:, :, None] & (i < HD // 2) & (j < 2))
+            r = tl.rsqrt(tl.sum(xa * xa + xb * xb, 1) / HD + eps)[:, None]
+        na = xa * r
+        nb = xb * r
+        if HAS_W:
+            if ACROSS:  # one weight row per head
+                wa, wb = _pairs(W, hh, HD, BHALF, HD, 1, m, INTERLEAVED, FLAT)
+            na = na * wa
+            nb = nb * wb
+        if not SHARED_TABLE:
+            ca, cb = _pairs(crow, hh, HD, BHALF, sch, scd, m, INTERLEAVED, FLAT)
+            sa, sb = _pairs(srow, hh, HD, BHALF, ssh, ssd, m, INTERLEAVED, FLAT)
+        if INTERLEAVED:
+            ya = na * ca - nb * sb
+            yb = na * sb + nb * ca
+        else:
+            ya = na * ca - nb * sa
+            yb = nb * cb + na * sb
+        y = tl.join(ya, yb)  # [heads, pairs, 2]
+        yp = Y + row * H * HD + hh * HD
+        if FLAT:
+            if INTERLEAVED:
+                y = tl.reshape(y, [HC, HD])
+            else:
+                y = tl.reshape(tl.permute(y, (0, 2, 1)), [HC, HD])
+            tl.store(yp + tl.arange(0, HD)[None, :], y.to(Y.dtype.element_ty), mask=m)
+        else:
+            i = tl.arange(0, BHALF)[None, :, None]
+            j = tl.arange(0, 2)[None, None, :]
+            d = 2 * i + j if INTERLEAVED else j * (HD // 2) + i
+            tl.store(yp[:, :, None] + d, y.to(Y.dtype.element_ty), mask=m[:, :, None] & (i < HD // 2) & (j < 2))
+
+
+def heads_per_chunk(num_heads: int) -> int:
+    """Heads processed together: the largest of 8, 4, 2 that divides the head count (no
+    masked-off rows), else a power of two covering up to 8 heads."""
+    return next((c for c in (8, 4, 2) if num_heads % c == 0), min(8, block(num_heads)))
 
 
 @triton_op("difffuse::triton_qk_norm_rope", mutates_args=())
@@ -315,11 +335,11 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
     hd = shape[-1]
     y = torch.empty(shape, dtype=out_dtype, device=x.device)
     w = weight.reshape(-1) if weight is not None else None
-    bh, bhalf = block(num_heads), block(hd // 2)
+    hc, bhalf = heads_per_chunk(num_heads), block(hd // 2)
     sizes, (sx, sc, ss), lead = index_plan(shape, [xv, cos, sin], inner=2)
     shared = statically_known_true(sc[3] == 0) and statically_known_true(ss[3] == 0)
     launch(qk_norm_rope_kernel, (rows(shape, 2),), xv, w, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss, eps,
-           ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, LEAD=lead, HD=hd, BH=bh,
+           ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, LEAD=lead, HD=hd, HC=hc,
            BHALF=bhalf, FLAT=hd == 2 * bhalf, SHARED_TABLE=shared,
-           num_warps=warps(bh * bhalf * 2, "qk_norm_rope"))
+           num_warps=warps(hc * bhalf * 2, "qk_norm_rope"))
     return y
