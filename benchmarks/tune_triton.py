@@ -59,7 +59,7 @@ CASES = [  # (kernel key, label, fn, args)
 ]
 BLOCKS = {"rms_norm": lambda a: tk.block(a[0].shape[-1]), "scale_shift": lambda a: tk.block(a[0].shape[-1]),
           "norm_scale_shift": lambda a: tk.block(a[0].shape[-1]),
-          "qk_norm_rope": lambda a: tk.heads_per_chunk(a[6]) * tk.block(a[0].shape[-1] // a[6] // 2) * 2}
+          "qk_norm_rope": lambda a: tk.heads_per_chunk(a[5]) * tk.block(a[0].shape[-1] // a[5] // 2) * 2}
 
 
 def nbytes(args, out) -> int:

@@ -171,6 +171,30 @@ def test_wan_with_cuda_lowering():
     torch.testing.assert_close(out.float(), ref.float(), rtol=2 * rtol, atol=2 * atol)
 
 
+@pytest.mark.slow
+def test_ti2v_per_token_modulation_left_to_inductor():
+    """Wan 2.2 TI2V computes its per-token modulation in the graph (table + temb); the CUDA
+    lowering leaves those sites to Inductor, which fuses that add, and says so."""
+    pytest.importorskip("diffusers")
+    from difffuse.testing.tiny_models import MODELS
+
+    model, kwargs = MODELS["wan-ti2v-tiny"](num_layers=2, dtype=torch.bfloat16)
+    model.to(DEVICE)
+    kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    torch._dynamo.reset()
+    difffuse.reset_report()
+    with torch.no_grad():
+        ref = model(**kwargs)[0]
+        model.compile_repeated_blocks(backend="difffuse", options={"lowering": "cuda"})
+        out = model(**kwargs)[0]
+    rep = difffuse.report()
+    assert rep.matches()["qk_norm_rope"] == 2 and rep.matches()["rms_norm"] == 2, str(rep)
+    per_token = [m for m in rep.misses if "per-token" in m.reason]
+    assert per_token and all("per-token" in m.reason or "erf-GELU" in m.reason for m in rep.misses), str(rep)
+    rtol, atol = TOL[torch.bfloat16]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2 * rtol, atol=2 * atol)
+
+
 # ------------------------------------------------------------------ GPU only
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [1536, 5120])

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import operator
+
 import torch
 from torch import Tensor
 
-from ..patterns.common import val
+from ..patterns.common import aten, val
 from . import triton_kernels as tk
 
 INTERPRET = tk.INTERPRET
@@ -110,10 +112,35 @@ def _rms_norm(site) -> Optional[str]:
     return _common([x, w]) or _width(d) or _lead(x.shape) or _vector(w, d, "weight")
 
 
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
+          aten.squeeze.dims, aten.unsqueeze.default, aten.expand.default, aten.permute.default,
+          aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.split_with_sizes.default,
+          aten.unbind.int, operator.getitem}
+
+
+def _computed_per_token(site: dict, names, out_numel) -> Optional[str]:
+    """A per-token modulation operand (as many values as the output) that the graph computes
+    (e.g. Wan 2.2 TI2V's `table + temb` chunks): Inductor fuses that computation into its own
+    norm kernel, while ours would read it materialized, one extra write and read of the whole
+    tensor. Measured slower on an H100 (benchmarks/RESULTS.md), so left to Inductor."""
+    for name in names:
+        node = site.get(name)
+        t = val(node)
+        if not isinstance(t, torch.Tensor) or 4 * t.numel() < out_numel:
+            continue
+        while isinstance(node, torch.fx.Node) and node.target in _VIEWS:
+            node = node.args[0]
+        if isinstance(node, torch.fx.Node) and node.op == "call_function":
+            return (f"per-token {name} is computed in the graph ({node.target}): Inductor fuses it into its "
+                    f"norm kernel, faster than materializing it for ours")
+    return None
+
+
 def _scale_shift(site) -> Optional[str]:
     a, b, c = _tensors(site, ("a", "b", "c"))
     shape = torch.broadcast_shapes(*[t.shape for t in (a, b, c) if t is not None])
-    return _common([a, b, c]) or _width(shape[-1]) or _lead(shape)
+    return (_common([a, b, c]) or _width(shape[-1]) or _lead(shape)
+            or _computed_per_token(site, ("b",), a.numel()))
 
 
 def _norm_scale_shift(site) -> Optional[str]:
@@ -125,7 +152,7 @@ def _norm_scale_shift(site) -> Optional[str]:
         return f"modulation widens the output to {tuple(o_shape)} from the residual's {tuple(r_shape)}"
     d = r_shape[-1]
     return (_common(ts) or _width(d) or _lead(r_shape) or _vector(weight, d, "weight")
-            or _vector(bias, d, "bias"))
+            or _vector(bias, d, "bias") or _computed_per_token(site, ("gate", "scale", "shift"), x.numel()))
 
 
 def _qk_norm_rope(site) -> Optional[str]:
