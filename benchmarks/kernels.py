@@ -183,7 +183,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default=None, help="substring of a subgraph name")
     ap.add_argument("--warps", default=None, help="json file from tune_triton.py: Triton num_warps table")
+    ap.add_argument("--qk-kernel", choices=["triton", "jit"], default=None, help="qk-norm+rope kernel")
     a = ap.parse_args()
+    if a.qk_kernel:
+        from difffuse.lowering import cuda
+
+        cuda.QK_KERNEL = a.qk_kernel
     _bench.load_warps(a.warps)
     bw = _bench.copy_bandwidth()
     print(_bench.header())

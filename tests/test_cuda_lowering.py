@@ -230,3 +230,31 @@ def test_generated_code_launches_the_kernel():
     src = "\n".join(code)
     assert "rms_norm_kernel" in src and "torch.ops.difffuse" not in src, src[-3000:]
     assert_close(out, norm(x))
+
+
+JIT_CASES = [(hd, inter, across, dt) for hd in (64, 128, 256) for inter in (True, False) for across in (True, False)
+             for dt in DTYPES]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hd,inter,across,dtype", JIT_CASES)
+def test_jit_kernel_matches_reference(hd, inter, across, dtype, poisoned):
+    """The NVRTC-compiled CUDA C++ qk kernel against the reference op."""
+    from difffuse.lowering import cuda_jit
+
+    why = cuda_jit.available()
+    assert why is None, why  # on a CUDA machine with cuda-core the kernel must build
+    heads = 6
+    x = rnd(2, 33, heads * hd, dtype=dtype) if across else rnd(2, 33, heads, hd, dtype=dtype)
+    w = rnd(heads * hd if across else hd, dtype=dtype)
+    args = (x, w, table(33, 1, hd), table(33, 1, hd), 1e-6, heads, across, inter, dtype)
+    out = cuda_jit.qk_norm_rope(*args)
+    assert not out.isnan().any()
+    assert_close(out, ops.qk_norm_rope_ref(*args), dtype)
+
+
+def test_jit_kernel_says_why_it_is_unavailable():
+    from difffuse.lowering import cuda_jit
+
+    if DEVICE == "cpu":
+        assert cuda_jit.available() is not None

@@ -56,11 +56,28 @@ def norm_scale_shift(x, residual, gate, weight, bias, scale, shift, eps: float, 
                                out_dtype)
 
 
+# The qk-norm+rope kernel: "triton" (the default, launched by Inductor's generated code) or
+# "jit" (the NVRTC-compiled CUDA C++ kernel in cuda_jit.py, an opaque op call; it falls
+# back to Triton where it cannot be built or does not take the site).
+QK_KERNEL = "triton"
+
+
+def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
+                 out_dtype: torch.dtype):
+    """difffuse::qk_norm_rope through the kernel QK_KERNEL names."""
+    if QK_KERNEL == "jit" and not INTERPRET:
+        from . import cuda_jit
+
+        if cuda_jit.available() is None and cuda_jit.reason(x, num_heads, across_heads, cos, sin, weight) is None:
+            return cuda_jit.jit_op(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
+    return tk.qk_norm_rope(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
+
+
 IMPLS = {
     "rms_norm": torch.ops.difffuse.triton_rms_norm.default,
     "scale_shift": torch.ops.difffuse.triton_scale_shift.default,
     "norm_scale_shift": norm_scale_shift,
-    "qk_norm_rope": torch.ops.difffuse.triton_qk_norm_rope.default,
+    "qk_norm_rope": qk_norm_rope,
     "linear_gelu": linear_gelu,
 }
 
