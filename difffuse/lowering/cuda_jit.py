@@ -225,13 +225,16 @@ def reason(x: Tensor, heads: int, across: bool, cos: Tensor, sin: Tensor, weight
 @functools.lru_cache(maxsize=1)
 def available() -> Optional[str]:
     """None if the JIT kernel can be built here; else why not (logged once)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     try:
         import cuda.core  # noqa: F401
 
         if not torch.cuda.is_available():
             return "no CUDA device"
-        x, t = torch.randn(1, 2, 128, device="cuda"), torch.ones(1, 2, 1, 128, device="cuda")
-        qk_norm_rope(x, None, t, t, 1e-6, 1, True, True, torch.float32)
+        with unset_fake_temporarily():  # asked while the pass traces with fake tensors: build on real ones
+            x, t = torch.randn(1, 2, 128, device="cuda"), torch.ones(1, 2, 1, 128, device="cuda")
+            qk_norm_rope(x, None, t, t, 1e-6, 1, True, True, torch.float32)
         return None
     except Exception as exc:  # noqa: BLE001  (any build or launch failure: keep Triton)
         why = f"{type(exc).__name__}: {exc}"
