@@ -10,7 +10,10 @@ import torch
 
 
 def main(argv=None) -> int:
+    from difffuse.testing.tiny_dits import DITS
     from difffuse.testing.tiny_models import MODELS
+
+    MODELS = {**MODELS, **DITS}
 
     parser = argparse.ArgumentParser(prog="python -m difffuse")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -41,7 +44,13 @@ def main(argv=None) -> int:
             out = model(**kwargs)[0]
         else:
             out = torch.compile(model, backend="difffuse", options=options)(**kwargs)[0]
-    print(difffuse.report())
+    rep = difffuse.report()
+    print(rep)
+    if not args.regional:
+        from difffuse.testing import sites
+
+        model_sites = sites.count_eager_sites(model, kwargs)
+        print(sites.format_table(args.model, sites.coverage(model_sites, rep)))
     print(f"model {args.model}, {args.layers} layers, {args.dtype}, {'regional' if args.regional else 'full'}"
           f" compile, lowering {lowering}: max |compiled - eager| = {(out.float() - ref.float()).abs().max():.3g}")
     return 0

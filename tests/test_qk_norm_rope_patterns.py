@@ -262,3 +262,112 @@ def test_tiny_wan_t2v_self_attention_fuses():
     assert rep.matches()["qk_norm_rope"] == 4
     assert [x for x in rep.misses if x.family == "qk_norm_rope"] == []
     torch.testing.assert_close(out[0], ref, rtol=5e-5, atol=5e-5)
+
+
+# ----------------------------------------------------------------- joint streams and token ranges
+T = 4  # text tokens
+
+
+class JointAttn(nn.Module):
+    """Flux's joint attention: text and image q (and k) each get their own per-head RMSNorm,
+    are concatenated along the tokens (text first) and roped together. `join(txt, img)` is
+    swappable for the near-misses."""
+
+    def __init__(self, rope, eps_txt=1e-6, join=None, dtype=torch.float32):
+        super().__init__()
+        dim = H * D
+        self.to_q, self.add_q = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.norm_q, self.norm_added_q = DiffusersRMSNorm(D), DiffusersRMSNorm(D, eps=eps_txt)
+        with torch.no_grad():
+            self.norm_q.weight.normal_()
+            self.norm_added_q.weight.normal_()
+        self.rope, self.join = rope, join or (lambda a, b: torch.cat([a, b], dim=1))
+        self.to(dtype)
+
+    def forward(self, img, txt, cos, sin, freqs_cis):
+        q = self.norm_q(self.to_q(img).unflatten(2, (H, -1)))
+        tq = self.norm_added_q(self.add_q(txt).unflatten(2, (H, -1)))
+        return self.rope(self, self.join(tq, q), (cos, sin, freqs_cis)).transpose(1, 2)
+
+
+def run_joint(m, dtype=torch.float32):
+    torch.manual_seed(2)
+    args = (torch.randn(B, L, H * D, dtype=dtype), torch.randn(B, T, H * D, dtype=dtype), *tables(L + T))
+    with torch.no_grad():
+        ref = m(*args)
+    out, rep = compile_and_run(m, *args)
+    return ref, out, rep
+
+
+@pytest.mark.parametrize("rope,dtype", [("stack", torch.float32), ("stack", torch.bfloat16),
+                                        ("neox", torch.float32), ("complex", torch.float32)])
+def test_joint_streams_fuse_into_one_site(rope, dtype):
+    """Two norms (own weights, own eps) + one rope over their concatenation -> one match,
+    no rms_norm left over, equal to eager."""
+    m = JointAttn(ROPES[rope], eps_txt=1e-5, dtype=dtype).eval()
+    ref, out, rep = run_joint(m, dtype)
+    assert rep.matches() == {"qk_norm_rope": 1}, rep.variants()
+    assert rep.misses == []
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("name,join", [
+    ("text stream scaled after its norm", lambda a, b: torch.cat([a * 1.5, b], dim=1)),
+    ("image stream not a norm output", lambda a, b: torch.cat([a, b.sigmoid()], dim=1)),
+])
+def test_joint_near_misses_do_not_fuse(name, join):
+    m = JointAttn(ROPES["stack"], join=join).eval()
+    ref, out, rep = run_joint(m)
+    assert rep.matches().get("qk_norm_rope", 0) == 0, (name, rep.variants())
+    assert_close(out, ref)
+
+
+class PartialRopeAttn(nn.Module):
+    """HunyuanVideo's single-stream block: one per-head RMSNorm over image+text tokens, the
+    rope on the image tokens only (first `L`), the text tokens passed through."""
+
+    def __init__(self, rope, split=None, dtype=torch.float32):
+        super().__init__()
+        self.to_q = nn.Linear(H * D, H * D)
+        self.norm_q = DiffusersRMSNorm(D)
+        with torch.no_grad():
+            self.norm_q.weight.normal_()
+        self.rope = rope
+        self.split = split or (lambda q, r: torch.cat([r(q[:, :-T]), q[:, -T:]], dim=1))
+        self.to(dtype)
+
+    def forward(self, h, cos, sin, freqs_cis):
+        q = self.norm_q(self.to_q(h).unflatten(2, (H, -1)))
+        return self.split(q, lambda x: self.rope(self, x, (cos, sin, freqs_cis))).transpose(1, 2)
+
+
+def run_partial(m, dtype=torch.float32):
+    torch.manual_seed(3)
+    args = (torch.randn(B, L + T, H * D, dtype=dtype), *tables(L))
+    with torch.no_grad():
+        ref = m(*args)
+    out, rep = compile_and_run(m, *args)
+    return ref, out, rep
+
+
+@pytest.mark.parametrize("rope,dtype,first", [("stack", torch.float32, True), ("stack", torch.bfloat16, True),
+                                              ("neox", torch.float32, False), ("complex", torch.float32, True)])
+def test_rope_on_a_token_range_fuses(rope, dtype, first):
+    """rope(n[:, :L]) ++ n[:, L:] (or text first) -> one op over all tokens, identity table rows."""
+    split = None if first else (lambda q, r: torch.cat([q[:, :T], r(q[:, T:])], dim=1))
+    m = PartialRopeAttn(ROPES[rope], split=split, dtype=dtype).eval()
+    ref, out, rep = run_partial(m, dtype)
+    assert rep.matches() == {"qk_norm_rope": 1}, rep.variants()
+    assert rep.misses == []
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("name,split", [
+    ("ranges overlap", lambda q, r: torch.cat([r(q[:, :-T]), q[:, -T - 1:-1]], dim=1)),
+    ("rest of another tensor", lambda q, r: torch.cat([r(q[:, :-T]), (q * 2)[:, -T:]], dim=1)),
+])
+def test_token_range_near_misses_do_not_fuse(name, split):
+    m = PartialRopeAttn(ROPES["stack"], split=split).eval()
+    ref, out, rep = run_partial(m)
+    assert not any(k.endswith("_tokens") for k in rep.variants()), (name, rep.variants())
+    assert_close(out, ref)

@@ -20,7 +20,8 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 from .. import __version__
 from ..lowering import load_lowering
 from ..patterns import available_families
-from ..patterns.common import PassContext, source_of
+from ..patterns.common import PassContext, module_path, source_of
+from .canonicalize import canonicalize
 from .config import FusionConfig
 from .device import detect_device
 from .report import GraphRecord, Miss, add_record, save_record
@@ -89,7 +90,8 @@ class DifffusePass(CustomGraphPass):
         self.ran = True
         lowering = detect_device(graph) if self.cfg.lowering == "auto" else self.cfg.lowering
         name, module = load_lowering(lowering)
-        rec = GraphRecord(graph=self.graph_name, lowering=name)
+        rec = GraphRecord(graph=self.graph_name, lowering=name,
+                          modules=sorted({p for p in map(module_path, graph.nodes) if p}))
         if name != lowering:
             rec.notes.append(f"{lowering} lowering unavailable: fell back to {name}")
         if module is None:
@@ -111,6 +113,7 @@ class DifffusePass(CustomGraphPass):
         _CTX.append(ctx)
         family = "?"
         try:
+            canonicalize(graph)
             for family in self._families(families, module):
                 _family_pass(family).apply(graph)
                 # a two-output match is inserted before its first output, which can precede
@@ -122,6 +125,7 @@ class DifffusePass(CustomGraphPass):
             restore(graph, snap)
             rec.matches.clear()
             rec.variants.clear()
+            rec.sites.clear()
             err = str(exc).splitlines()[0][:300] if str(exc) else ""
             msg = f"pass failed in {family}: {type(exc).__name__}: {err}; graph left to plain Inductor"
             rec.notes.append(msg)
@@ -133,4 +137,4 @@ class DifffusePass(CustomGraphPass):
             default = ("no pattern variant matched this spelling" if family in module.IMPLS
                        else f"the {name} lowering has no {family} kernel: left to Inductor")
             for node in families[family].anchors(graph):
-                rec.misses.append(Miss(family, ctx.rejected.get(node, default), source_of(node)))
+                rec.misses.append(Miss(family, ctx.rejected.get(node, default), source_of(node), module_path(node)))

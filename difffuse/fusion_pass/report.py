@@ -19,6 +19,7 @@ class Miss:
     family: str
     reason: str
     source: str = ""
+    module: str = ""  # the module path it was traced in (see patterns.common.module_path)
 
 
 @dataclasses.dataclass
@@ -28,11 +29,14 @@ class GraphRecord:
     matches: dict = dataclasses.field(default_factory=dict)  # "family" -> count
     variants: dict = dataclasses.field(default_factory=dict)  # "family:variant" -> count
     misses: list = dataclasses.field(default_factory=list)
+    sites: list = dataclasses.field(default_factory=list)  # [family, variant, [module paths]] per match
+    modules: list = dataclasses.field(default_factory=list)  # module paths with a node in the graph
     notes: list = dataclasses.field(default_factory=list)
     cached: bool = False
 
-    def add_match(self, family: str, variant: str) -> None:
+    def add_match(self, family: str, variant: str, modules: Optional[list] = None) -> None:
         self.matches[family] = self.matches.get(family, 0) + 1
+        self.sites.append([family, variant, list(modules or [])])
         key = f"{family}:{variant}"
         self.variants[key] = self.variants.get(key, 0) + 1
 
@@ -82,6 +86,15 @@ class Report:
         for g in self.graphs:
             total.update(g.variants)
         return dict(total)
+
+    def sites(self) -> list[tuple[str, str, list]]:
+        """(family, variant, module paths it covers) for every match: which modules of the
+        user's model each fused op came from (paths relative to the compiled module)."""
+        return [(f, v, list(m)) for g in self.graphs for f, v, m in g.sites]
+
+    def modules(self) -> set:
+        """Module paths that have at least one node in a compiled graph (before the rewrite)."""
+        return {p for g in self.graphs for p in g.modules}
 
     @property
     def misses(self) -> list[Miss]:

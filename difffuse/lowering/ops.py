@@ -4,7 +4,8 @@ Each op is the contract every device lowering implements with the same signature
 The reference implementation is pure PyTorch, computes in fp32 and returns
 ``out_dtype``; it is the numerics oracle for the tests and the ``"reference"``
 lowering. Fake implementations only compute shapes, so they work with symbolic
-shapes.
+shapes. Every op returns contiguous tensors (the fake ones say so; Inductor checks
+the strides of a custom op's outputs against them).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def rms_norm_ref(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: tor
 
 @torch.library.custom_op(f"{LIB}::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
-    return rms_norm_ref(x, weight, eps, out_dtype)
+    return rms_norm_ref(x, weight, eps, out_dtype).contiguous()
 
 
 @rms_norm.register_fake
@@ -52,7 +53,7 @@ def scale_shift_ref(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dty
 
 @torch.library.custom_op(f"{LIB}::scale_shift", mutates_args=())
 def scale_shift(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype) -> Tensor:
-    return scale_shift_ref(a, b, c, k, out_dtype)
+    return scale_shift_ref(a, b, c, k, out_dtype).contiguous()
 
 
 @scale_shift.register_fake
@@ -116,8 +117,9 @@ def norm_scale_shift(
     residual_dtype: torch.dtype,
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    return norm_scale_shift_ref(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms,
-                                residual_dtype, out_dtype)
+    out, r = norm_scale_shift_ref(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms,
+                                  residual_dtype, out_dtype)
+    return out.contiguous(), r.contiguous()
 
 
 @norm_scale_shift.register_fake
@@ -182,7 +184,7 @@ def qk_norm_rope(
     interleaved: bool,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    return qk_norm_rope_ref(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
+    return qk_norm_rope_ref(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype).contiguous()
 
 
 @qk_norm_rope.register_fake
@@ -205,7 +207,7 @@ def linear_gelu_ref(x: Tensor, weight: Tensor, bias: Tensor, out_dtype: torch.dt
 
 @torch.library.custom_op(f"{LIB}::linear_gelu", mutates_args=())
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor, out_dtype: torch.dtype) -> Tensor:
-    return linear_gelu_ref(x, weight, bias, out_dtype)
+    return linear_gelu_ref(x, weight, bias, out_dtype).contiguous()
 
 
 @linear_gelu.register_fake
@@ -238,7 +240,7 @@ def variance_ref(x: Tensor) -> Tensor:
 
 @torch.library.custom_op(f"{LIB}::variance", mutates_args=())
 def variance(x: Tensor) -> Tensor:
-    return variance_ref(x)
+    return variance_ref(x).contiguous()
 
 
 @variance.register_fake
@@ -259,7 +261,7 @@ def rsqrt_mul_ref(x: Tensor, variance: Tensor, weight: Optional[Tensor], eps: fl
 @torch.library.custom_op(f"{LIB}::rsqrt_mul", mutates_args=())
 def rsqrt_mul(x: Tensor, variance: Tensor, weight: Optional[Tensor], eps: float,
               out_dtype: torch.dtype) -> Tensor:
-    return rsqrt_mul_ref(x, variance, weight, eps, out_dtype)
+    return rsqrt_mul_ref(x, variance, weight, eps, out_dtype).contiguous()
 
 
 @rsqrt_mul.register_fake

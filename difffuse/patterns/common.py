@@ -4,6 +4,7 @@ match (dims, casts, broadcasts) that the families use."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -69,6 +70,23 @@ def source_of(node: torch.fx.Node) -> str:
             code = lines[i + 1] if i + 1 < len(lines) else ""
             return f"{lines[i]}: {code}".replace("File ", "", 1)
     return ""
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The innermost user module a node was traced in, as a dotted path from the compiled
+    module ("transformer_blocks.0.attn.norm_q"); "" if dynamo recorded none."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    parts = re.findall(r"\['([^']+)'\]|\[(\d+)\]|\.([A-Za-z0-9_]+)", raw)
+    names = [a or b or c for a, b, c in parts]
+    return ".".join(n for n in names if n not in ("self", "__dict__", "_modules"))
+
+
+def module_paths(nodes) -> list[str]:
+    """Sorted distinct module paths of `nodes` (what a match covers in the user's model)."""
+    return sorted({p for p in map(module_path, nodes) if p})
 
 
 @dataclasses.dataclass
@@ -149,7 +167,10 @@ class Family:
             ctx = get_ctx()
             site = family.check(match, variant)
             if isinstance(site, dict):
-                reason = ctx.supports(family.name, site)
+                # a site may be several op calls (`calls`); each must suit the lowering, judged on
+                # the tables it will get (`check_tables`, when the replacement builds them)
+                reason = next((r for call in site.get("calls", [site])
+                               if (r := ctx.supports(family.name, {**call, **call.get("check_tables", {})}))), None)
                 if reason is None:
                     match._difffuse_site = site
                     return True
@@ -161,7 +182,9 @@ class Family:
 
         def handler(match: Match, *args, **kwargs) -> None:
             ctx = get_ctx()
-            family.replace(match, variant, match._difffuse_site, ctx)
-            ctx.record.add_match(family.name, variant.name)
+            site = match._difffuse_site
+            modules = module_paths(list(match.nodes) + list(site.get("norm_nodes", ())))
+            family.replace(match, variant, site, ctx)
+            ctx.record.add_match(family.name, variant.name, modules)
 
         register_graph_pattern(variant.pattern, extra_check=extra_check, pass_dict=pm)(handler)

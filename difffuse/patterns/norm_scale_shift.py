@@ -21,6 +21,8 @@ the norm: norm2 and norm1-after-FFN in bf16); the op returns r in r's dtype and
 normalises that rounded value. A cast between the norm and the modulation (nn.LayerNorm
 in bf16 rounds its output before a bf16 modulation) is absorbed (the op stays in fp32).
 Exact upcasts at the inputs are not passed to the op (it computes in fp32 anyway).
+"mixed" (RMS): diffusers' RMSNorm in bf16 squares `r.float()` but multiplies the bf16 r
+by the fp32 rsqrt (a mixed-dtype product, exact in fp32): LTX's norm1/norm2.
 Both outputs are pattern outputs: `r` is the next residual when other nodes read it.
 Not matched: LN over another dim, eps outside the rsqrt, modulation before the norm (a
 gate of the form `k + scale`), a norm that reads r narrowed or in another dtype than r
@@ -41,7 +43,7 @@ from .rms_norm import ADD_EPS, rms_core
 from .scale_shift import broadcast_kind, strip_upcast
 
 RESIDUALS = ("gate_xg", "gate_gx", "one", "none")  # larger first: the first match wins
-ROUNDINGS = ("direct", "cast", "roundtrip")
+ROUNDINGS = ("direct", "cast", "roundtrip", "mixed")
 # (modulation, cast between norm and modulation, cast at the end)
 TAILS = ((True, False, True), (True, True, False), (True, False, False), (False, False, True), (False, False, False))
 
@@ -65,14 +67,16 @@ def build(residual: str, rounding: str, norm: str, affine: str, mod: bool, mid_c
         prod = {"one": x, "gate_xg": CallFunction(aten.mul.Tensor, x, KeywordArg("gate")),
                 "gate_gx": CallFunction(aten.mul.Tensor, KeywordArg("gate"), x)}[residual]
         total = CallFunction(aten.add.Tensor, KeywordArg("residual"), prod)
-        if rounding == "direct":
+        if rounding in ("direct", "mixed"):
             r = nin = total
         elif rounding == "cast":
             r, nin = total, cast(total, users=2)  # both LN (var_mean, sub) and RMS (pow, mul) read it twice
         else:
             r = cast(total)
             nin = cast(r, users=2)
-    n = layer_norm(nin) if norm == "ln" else rms_core(nin, "pow", "mean", "x_r")
+    # "mixed" (no residual): diffusers' RMSNorm squares x.float() but multiplies x itself
+    n = layer_norm(nin) if norm == "ln" else rms_core(nin, "pow", "mean", "x_r",
+                                                      xs=cast(nin) if rounding == "mixed" else None)
     if "w" in affine:
         n = CallFunction(aten.mul.Tensor, n, KeywordArg("weight"))
     if "b" in affine:
@@ -96,13 +100,16 @@ class NormScaleShiftPattern(Family):
         # the modulation tails come first: `n * (1+scale) + shift` must not be taken for an affine
         for residual, rounding, norm, (mod, mid_cast, out_cast), affine in itertools.product(
                 RESIDUALS, ROUNDINGS, ("ln", "rms"), TAILS, ("wb", "w", "")):
-            if residual == "none" and (rounding != "direct" or not mod):
+            if residual == "none" and (rounding not in ("direct", "mixed") or not mod):
                 continue  # no residual: rounding is moot; and a bare norm is not this family
+            if rounding == "mixed" and norm != "rms":
+                continue
             if norm == "rms" and affine == "wb":
                 continue
             pattern = build(residual, rounding, norm, affine, mod, mid_cast, out_cast)
             tail = ("mod" if mod else "nomod") + ("/midcast" if mid_cast else "") + ("/cast" if out_cast else "")
-            name = "/".join([residual, rounding if residual != "none" else "-", norm, affine or "noaffine", tail])
+            name = "/".join([residual, rounding if residual != "none" or rounding == "mixed" else "-", norm,
+                             affine or "noaffine", tail])
             out.append(Variant(name, pattern, dict(residual=residual, rounding=rounding, norm=norm,
                                                    affine=affine, mod=mod, mid_cast=mid_cast)))
         return out
@@ -156,6 +163,10 @@ class NormScaleShiftPattern(Family):
             if name in kw and strip_upcast(kw[name]).op not in ("placeholder", "get_attr"):
                 return f"{name} is computed in the graph (a modulation?), not a parameter"
         xn, gate = kw["x"], kw.get("gate")
+        if info["rounding"] == "mixed" and info["residual"] == "none":
+            up = next(n for n in match.nodes if n.target == CONVERT and n.args[0] is kw["x"])
+            if not is_upcast(up):
+                return f"the norm squares x converted to {up.args[1]}, not its exact upcast"
         if r_node is not None:
             reason = _check_residual(match, info, kw, r_node, nin_shape)
             if isinstance(reason, str):
@@ -198,7 +209,7 @@ def _check_residual(match, info, kw, r_node, r_shape):
         if broadcast_kind(val(gate).shape, r_shape) is None:
             return f"gate {tuple(val(gate).shape)} does not broadcast as a gate against {r_shape}"
     up = next((n for n in match.nodes if n.target == CONVERT and n.args[0] is r_node), None)
-    if info["rounding"] == "cast":
+    if info["rounding"] in ("cast", "mixed"):
         if not is_upcast(up):
             return f"the norm reads r narrowed to {up.args[1]} (r is {val(r_node).dtype})"
     if info["rounding"] == "roundtrip":

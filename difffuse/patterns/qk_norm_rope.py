@@ -90,9 +90,9 @@ def wan_scatter():
     return CallFunction(aten.slice_scatter.default, ss0, copy1, dim, 1, end, 2)
 
 
-def real_rope(form: str, casts: bool):
+def real_rope(form: str, casts: bool, r=None):
     """out = (r.float() * cos + rotate(r).float() * sin).to(r.dtype); rotate by pairs (stack) or halves (neox)."""
-    r = KeywordArg("r")
+    r = KeywordArg("r") if r is None else r
     unb = CallFunction(aten.unbind.int, view(r), KeywordArg("unbind_dim"), _users=2)
     first, second = CallFunction(GETITEM, unb, 0), CallFunction(GETITEM, unb, 1)
     neg = CallFunction(aten.neg.default, second)
@@ -108,14 +108,34 @@ def real_rope(form: str, casts: bool):
     return maybe_cast(out, casts)
 
 
-def complex_rope(casts: bool):
+def complex_rope(casts: bool, r=None):
     """view_as_real(view_as_complex(r.float().reshape(.., D/2, 2)) * freqs).flatten(3).type_as(r)."""
-    xc = CallFunction(aten.view_as_complex.default, view(maybe_cast(KeywordArg("r"), casts)))
+    r = KeywordArg("r") if r is None else r
+    xc = CallFunction(aten.view_as_complex.default, view(maybe_cast(r, casts)))
     out = view(CallFunction(aten.view_as_real.default, mul(xc, KeywordArg("freqs"))))
     return maybe_cast(out, casts)
 
 
+def partial_rope(rope, form: str, casts: bool, rope_first: bool):
+    """Rope on one token range of a normalised q/k, the rest passed through, joined again:
+    cat([rope(n[.., a:b, ..]), n[.., b:, ..]]) (rope_first, HunyuanVideo's single-stream
+    blocks rope the image tokens before the text) or cat([n[.., :a, ..], rope(n[.., a:, ..])])."""
+    n, d = KeywordArg("normed"), KeywordArg("seg_dim")
+    roped = CallFunction(aten.slice.Tensor, n, d, KeywordArg("rope_start"), KeywordArg("rope_end"),
+                         _users=1 if form == "complex" else 2)  # real forms read r twice (pairs, r * cos)
+    rest = CallFunction(aten.slice.Tensor, n, d, KeywordArg("rest_start"), KeywordArg("rest_end"))
+    out = rope(form, casts, roped)
+    return CallFunction(aten.cat.default, [out, rest] if rope_first else [rest, out], d)
+
+
 # --------------------------------------------------------------------- shape helpers
+def _table_dim(t, dim: int, ndim: int):
+    """The dim of a table (broadcast from the right against rank-`ndim` q/k) that lines up
+    with q/k's `dim`; None where the table does not vary along it."""
+    td = dim - (ndim - t.ndim)
+    return None if td < 0 or _eq(t.shape[td], 1) else td
+
+
 def _eq(a, b) -> bool:
     return statically_known_true(a == b)
 
@@ -168,10 +188,17 @@ class QKNormRopePattern(Family):
 
     def variants(self) -> list[Variant]:
         out = [Variant("wan_scatter", wan_scatter(), {"form": "wan", "casts": False})]
+        def rope(form, casts, r=None):
+            return complex_rope(casts, r) if form == "complex" else real_rope(form, casts, r)
+
         for form in ("stack", "neox", "complex"):
             for casts in (True, False):
-                p = complex_rope(casts) if form == "complex" else real_rope(form, casts)
-                out.append(Variant(form + ("/float" if casts else ""), p, {"form": form, "casts": casts}))
+                name = form + ("/float" if casts else "")
+                for first in (True, False):  # the partial forms first: their rope is a sub-pattern
+                    out.append(Variant(f"{name}/{'head' if first else 'tail'}_tokens",
+                                       partial_rope(rope, form, casts, first),
+                                       {"form": form, "casts": casts, "partial": "head" if first else "tail"}))
+                out.append(Variant(name, rope(form, casts), {"form": form, "casts": casts}))
         return out
 
     # ------------------------------------------------------------------ misses
@@ -197,27 +224,97 @@ class QKNormRopePattern(Family):
 
     # ------------------------------------------------------------------ check
     def check(self, match, variant):
-        kw, form = match.kwargs, variant.info["form"]
-        r = kw["r"]
+        kw, form, partial = match.kwargs, variant.info["form"], variant.info.get("partial")
+        r = self._roped_slice(match) if partial else kw["r"]
         rv = val(r)
         if not isinstance(rv, torch.Tensor) or not rv.is_floating_point() or rv.ndim < 2:
             return "rope input is not a floating-point tensor of rank >= 2"
         d = rv.shape[-1]
         if not isinstance(d, int) or d % 2:
             return f"head_dim {d} is not an even constant"
-        reason = self._rope_reason(match, variant, rv, d)
-        if isinstance(reason, str):
-            return reason
-        tables = reason
+        tables = self._rope_reason(match, variant, rv, d)
+        if isinstance(tables, str):
+            return tables
         out = match.output_node()
-        ov = val(out)
-        if not _same(ov.shape, rv.shape):
-            return f"rope output {tuple(ov.shape)} is not shaped like its input {tuple(rv.shape)}"
+        rope_out = out.args[0][0 if partial == "head" else 1] if partial else out
+        if not _same(val(rope_out).shape, rv.shape):
+            return f"rope output {tuple(val(rope_out).shape)} is not shaped like its input {tuple(rv.shape)}"
+        common = dict(out_dtype=val(out).dtype, interleaved=form != "neox", form=form)
+        if partial:
+            return self._partial_site(match, kw, rv, tables, partial, common)
+        if r.target == aten.cat.default:
+            return self._joint_site(match, r, rv, tables, common)
         norm = self._norm(match, r, rv)
         if isinstance(norm, str):
             return norm
-        norm.update(tables, out_dtype=ov.dtype, interleaved=form != "neox", form=form)
+        norm.update(tables, **common)
         return norm
+
+    # ------------------------------------------------------------------ token ranges
+    def _roped_slice(self, match):
+        kw = match.kwargs
+        return next(n for n in match.nodes if n.target == aten.slice.Tensor and n.args[0] is kw["normed"]
+                    and n.args[2] == kw["rope_start"] and n.args[3] == kw["rope_end"])
+
+    def _partial_site(self, match, kw, rv, tables, partial, common) -> dict | str:
+        """Rope on [a, b) of a token dim, the rest of that dim passed through: one op call
+        on all tokens with identity rows (cos 1, sin 0) for the rest in the tables."""
+        normed, dim = kw["normed"], kw["seg_dim"]
+        nv = val(normed)
+        if dim < 0:
+            dim += nv.ndim
+        if not isinstance(dim, int) or not 0 <= dim < nv.ndim - 2:
+            return f"rope on a range of dim {kw['seg_dim']}, not of a token dim"
+        size = nv.shape[dim]
+
+        def bound(i):
+            i = size if i is None or i == INF_END else i
+            return i + size if isinstance(i, int) and i < 0 else i
+        a, b = bound(kw["rope_start"]), bound(kw["rope_end"])
+        c, e = bound(kw["rest_start"]), bound(kw["rest_end"])
+        if not all(isinstance(i, int) for i in (a, b, c, e)):
+            return "token ranges are not constants"
+        e, b = min(e, size), min(b, size)
+        tiles = (a == 0 and b == c and e == size) if partial == "head" else (c == 0 and e == a and b == size)
+        if not tiles or a == b or c == e:
+            return f"roped [{a}, {b}) and passed [{c}, {e}) do not split the {size} tokens in two"
+        tdim = _table_dim(val(tables["cos"]), dim, rv.ndim)
+        if tdim is None or not _eq(val(tables["cos"]).shape[tdim], rv.shape[dim]):
+            return f"cos/sin {tuple(val(tables['cos']).shape)} are not indexed by token along dim {dim}"
+        norm = self._norm(match, normed, nv)
+        if isinstance(norm, str):
+            return norm
+        rest = e - c
+        ext = {t: val(tables[t]).new_empty([rest if i == tdim else s for i, s in enumerate(val(tables[t]).shape)])
+               for t in ("cos", "sin")}  # the identity rows, for the lowering's eligibility check
+        norm.update(tables, **common, partial=dict(dim=tdim, rest=rest, rope_first=partial == "head"))
+        norm["check_tables"] = {t: torch.cat([val(tables[t]), ext[t]] if partial == "head"
+                                             else [ext[t], val(tables[t])], tdim) for t in ("cos", "sin")}
+        return norm
+
+    def _joint_site(self, match, r, rv, tables, common) -> dict | str:
+        """Rope over a concatenation of separately normalised q (or k) streams (Flux's joint
+        attention: text and image tokens, each with its own norm weight): one op call per
+        stream on its slice of the tables, joined along the token dim."""
+        parts, dim = r.args[0], (r.args[1] if len(r.args) > 1 else r.kwargs.get("dim", 0))
+        if dim < 0:
+            dim += rv.ndim
+        if not 0 <= dim < rv.ndim - 2:
+            return f"q/k streams concatenated along dim {dim}, not a token dim"
+        calls, offset = [], 0
+        for part in parts:
+            pv = val(part)
+            site = self._norm(match, part, pv, consumer=r)
+            if isinstance(site, str):
+                return f"stream {len(calls)}: {site}"
+            tdim = _table_dim(val(tables["cos"]), dim, rv.ndim)
+            site.update(tables, **common, start=offset, length=pv.shape[dim])
+            site["check_tables"] = {t: val(tables[t]) if tdim is None else val(tables[t]).narrow(
+                tdim, offset, pv.shape[dim]) for t in ("cos", "sin")}
+            calls.append(site)
+            offset += pv.shape[dim]
+        return dict(calls=calls, join_dim=dim, table_dim=tdim, form=common["form"],
+                    norm_nodes=[r] + [n for c in calls for n in c["norm_nodes"]], **tables)
 
     def _rope_reason(self, match, variant, rv, d) -> dict | str:
         """The rope's own checks; returns the op's cos/sin (or the complex table)."""
@@ -235,7 +332,8 @@ class QKNormRopePattern(Family):
         if "u_dim" in kw and not _is_last(kw["u_dim"], len(shape) + 1):
             return f"pairs stacked over dim {kw['u_dim']}, not the last"
         if variant.info["casts"]:
-            ups = [n for n in match.nodes if n.target == CONVERT and n is not match.output_node()]
+            out = match.output_node()  # the rope's own final cast is the output or feeds the join
+            ups = [n for n in match.nodes if n.target == CONVERT and n is not out and out not in n.users]
             if not all(is_upcast(n) and n.args[1] == torch.float32 for n in ups):
                 return "the rope computes in a narrower dtype than fp32 (.float() is not an upcast)"
         if form == "wan":
@@ -266,9 +364,10 @@ class QKNormRopePattern(Family):
         reason = _table_reason(cos, sin, shape, d, full_width=form != "wan")
         return reason if reason else {"cos": cos, "sin": sin}
 
-    def _norm(self, match, r, rv) -> dict | str:
-        """Walk r back through views to an RMSNorm (one of rms_norm's variants) used only here."""
-        if any(u not in match.nodes for u in r.users):
+    def _norm(self, match, r, rv, consumer=None) -> dict | str:
+        """Walk r back through views to an RMSNorm (one of rms_norm's variants) used only
+        by the rope (or by `consumer`, the concatenation of streams)."""
+        if any(u not in match.nodes and u is not consumer for u in r.users):
             return "the rope input is also used outside the rope"
         chain, n = [], r
         while n.target in VIEW_OPS:
@@ -303,18 +402,38 @@ class QKNormRopePattern(Family):
     # ------------------------------------------------------------------ replace
     def replace(self, match, variant, site, ctx):
         op = ctx.impl(self.name)
-        consts = (site["eps"], site["num_heads"], site["across_heads"], site["interleaved"], site["out_dtype"])
-        w = site["weight"]
-        if site["form"] == "complex":
-            def fused(x, f, *w):
-                t = torch.view_as_real(f).flatten(-2)
-                return op(x, w[0] if w else None, t, t, *consts)
-            args = [site["x"], site["freqs"]]
-        else:
-            def fused(x, c, s, *w):
-                return op(x, w[0] if w else None, c, s, *consts)
-            args = [site["x"], site["cos"], site["sin"]]
-        ctx.replace(match, fused, args + ([w] if w is not None else []))
+        calls = site.get("calls", [site])
+        complex_form = site["form"] == "complex"
+        table_args = [site["freqs"]] if complex_form else [site["cos"], site["sin"]]
+        weights = [c["weight"] for c in calls]
+        has_w = [w is not None for w in weights]
+        partial, join_dim, table_dim = site.get("partial"), site.get("join_dim"), site.get("table_dim")
+
+        def fused(*args):
+            xs, args = args[:len(calls)], args[len(calls):]
+            if complex_form:
+                cos = sin = torch.view_as_real(args[0]).flatten(-2)
+                args = args[1:]
+            else:
+                cos, sin, args = args[0], args[1], args[2:]
+            ws = iter(args)
+            if partial:  # identity rows (cos 1, sin 0) for the tokens the model does not rope
+                shape = list(cos.shape)
+                shape[partial["dim"]] = partial["rest"]
+                ones, zeros = cos.new_ones(shape), sin.new_zeros(shape)
+                first = partial["rope_first"]
+                cos = torch.cat([cos, ones] if first else [ones, cos], partial["dim"])
+                sin = torch.cat([sin, zeros] if first else [zeros, sin], partial["dim"])
+            outs = []
+            for call, hw, x in zip(calls, has_w, xs):
+                c, s = cos, sin
+                if table_dim is not None:  # each stream's rows of the tables
+                    c, s = (t.narrow(table_dim, call["start"], call["length"]) for t in (cos, sin))
+                outs.append(op(x, next(ws) if hw else None, c, s, call["eps"], call["num_heads"],
+                               call["across_heads"], call["interleaved"], call["out_dtype"]))
+            return torch.cat(outs, join_dim) if join_dim is not None else outs[0]
+
+        ctx.replace(match, fused, [c["x"] for c in calls] + table_args + [w for w in weights if w is not None])
         graph = match.graph
         for n in site["norm_nodes"]:  # the norm now feeds nothing: drop it before rms_norm sees it
             if not n._erased and not n.users:
