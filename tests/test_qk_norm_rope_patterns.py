@@ -371,3 +371,37 @@ def test_token_range_near_misses_do_not_fuse(name, split):
     ref, out, rep = run_partial(m)
     assert not any(k.endswith("_tokens") for k in rep.variants()), (name, rep.variants())
     assert_close(out, ref)
+
+
+class WholeWidthRope(nn.Module):
+    """LTX-Video: RMSNorm over the whole q width, then a rope over that width (no head dim)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.to_q, self.norm_q = nn.Linear(dim, dim), nn.RMSNorm(dim, eps=1e-6)
+        with torch.no_grad():
+            self.norm_q.weight.normal_()
+
+    def forward(self, h, cos, sin):
+        x = self.norm_q(self.to_q(h))
+        re, im = x.unflatten(2, (-1, 2)).unbind(-1)
+        rot = torch.stack([-im, re], dim=-1).flatten(2)
+        return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+@pytest.mark.parametrize("lowering", ["reference", "cuda"], ids=["reference", "triton"])
+def test_whole_width_rope_is_one_head(lowering):
+    """[B, L, D] q/k: one head of width D (not L heads), so L * D may exceed the kernels' row
+    limit; the CUDA lowering (interpreted on a CPU) takes it."""
+    from conftest import DEVICE
+
+    seq, d = 600, 16  # seq * d > 8192
+    m = WholeWidthRope(d).to(DEVICE).eval()
+    torch.manual_seed(4)
+    cos, sin, _ = tables(seq, d)
+    args = (torch.randn(1, seq, d, device=DEVICE), cos[None].to(DEVICE), sin[None].to(DEVICE))
+    with torch.no_grad():
+        ref = m(*args)
+    out, rep = compile_and_run(m, *args, options={"lowering": lowering})
+    assert rep.matches() == {"qk_norm_rope": 1}, (str(rep), rep.variants())
+    assert_close(out, ref)

@@ -24,6 +24,9 @@ leave no cast node). The permute to [B, H, L, D] for attention stays in the grap
       ==> cos = sin = view_as_real(f).flatten(-2) in the replacement (cos[2i] = Re f_i,
           sin[2i+1] = Im f_i: exactly the op's interleaved pair rotation).
 
+A q/k of rank 3 ([B, L, D], no head dim: LTX-Video ropes the whole width after its
+across-heads norm) is one head of width D: the op gets [B, L, 1, D] views.
+
 The op's interleaved math is Wan's: out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1],
 out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i]. It is exact for wan_scatter and complex
 with any tables. The stack form reads cos[2i+1] and sin[2i] too; it equals the op where
@@ -38,10 +41,15 @@ head_dim and broadcast against [.., H, D] without enlarging it; in wan_scatter t
 multiplied with x1 in the first output is `cos[..., 0::2]` and the other `sin[..., 1::2]`
 (swapped tables or offsets do not match). Unmatched ropes are reported by `anchors`
 (unbind over a size-2 dim, view_as_complex, a rotate_half cat) with the reason.
-Known misses: a rope whose input is not directly a norm (Flux joint attention concatenates
-the text and image q after their norms; HunyuanVideo ropes only the image tokens; partial
-rotary) and CogVideoX's LayerNorm q/k norm (not an RMSNorm; the in-place partial rope
-slices between norm and rope anyway).
+Beyond one norm feeding one rope (each its own variant or check):
+  joint streams  rope(cat([norm_a(q_txt), norm_b(q_img)], token dim)) (Flux, HunyuanVideo
+                 dual blocks): one op call per stream on its rows of the tables, joined;
+                 each stream keeps its own weight and eps.
+  token range    cat([rope(n[:, :a]), n[:, a:]]) or the text-first mirror (HunyuanVideo
+                 single blocks rope the image tokens only): one op call over all tokens
+                 with identity rows (cos 1, sin 0) for the tokens passed through.
+Known misses: CogVideoX's q/k LayerNorm (not an RMSNorm) with its in-place partial rope;
+partial rotary over part of head_dim.
 """
 from __future__ import annotations
 
@@ -248,6 +256,9 @@ class QKNormRopePattern(Family):
         if isinstance(norm, str):
             return norm
         norm.update(tables, **common)
+        if norm.get("one_head"):  # what the op will get
+            norm["check_tables"] = {"x": val(norm["x"]).unsqueeze(-2),
+                                    **{t: val(tables[t]).unsqueeze(-2) for t in ("cos", "sin")}}
         return norm
 
     # ------------------------------------------------------------------ token ranges
@@ -387,6 +398,12 @@ class QKNormRopePattern(Family):
         else:
             return "the rope input is not an RMSNorm output (something else sits between norm and rope)"
         xv, d = val(site["x"]), rv.shape[-1]
+        if _same(xv.shape, rv.shape) and rv.ndim == 3:
+            # [B, L, D] with no head dim (LTX ropes the whole width): one head of width D;
+            # the replacement views q/k and the tables as [B, L, 1, D]
+            return {"x": site["x"], "weight": site["weight"], "eps": site["eps"], "num_heads": 1,
+                    "across_heads": False, "head_dim": d, "norm_nodes": chain + list(reversed(m.nodes)),
+                    "one_head": True}
         if _same(xv.shape, rv.shape):
             across, heads = False, rv.shape[-2]
         elif _same(xv.shape[:-1], rv.shape[:-2]) and _eq(xv.shape[-1], rv.shape[-2] * d):
@@ -429,8 +446,12 @@ class QKNormRopePattern(Family):
                 c, s = cos, sin
                 if table_dim is not None:  # each stream's rows of the tables
                     c, s = (t.narrow(table_dim, call["start"], call["length"]) for t in (cos, sin))
-                outs.append(op(x, next(ws) if hw else None, c, s, call["eps"], call["num_heads"],
-                               call["across_heads"], call["interleaved"], call["out_dtype"]))
+                w = next(ws) if hw else None
+                if call.get("one_head"):
+                    x, c, s = x.unsqueeze(-2), c.unsqueeze(-2), s.unsqueeze(-2)
+                o = op(x, w, c, s, call["eps"], call["num_heads"], call["across_heads"], call["interleaved"],
+                       call["out_dtype"])
+                outs.append(o.squeeze(-2) if call.get("one_head") else o)
             return torch.cat(outs, join_dim) if join_dim is not None else outs[0]
 
         ctx.replace(match, fused, [c["x"] for c in calls] + table_args + [w for w in weights if w is not None])
