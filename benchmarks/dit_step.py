@@ -125,9 +125,9 @@ def build(name, layers):
 
 def block_lists(model) -> dict:
     """The repeated-block ModuleLists (what compile_repeated_blocks compiles)."""
-    names = set(getattr(model, "_repeated_blocks", ()) or ())
+    names = set(getattr(model, "_repeated_blocks", ()) or ())  # CogVideoX declares none: every block list
     return {n: ml for n, ml in model.named_children()
-            if isinstance(ml, nn.ModuleList) and len(ml) and type(ml[0]).__name__ in names}
+            if isinstance(ml, nn.ModuleList) and len(ml) and (not names or type(ml[0]).__name__ in names)}
 
 
 def use(model, lists):

@@ -209,3 +209,33 @@ def test_weight_over_other_dim_is_not_absorbed():
     out, rep = compile_and_run(m, h, mod)
     assert rep.variants() == {"norm_scale_shift:one/direct/ln/noaffine/nomod": 1}
     assert_outputs_close(out, ref, torch.float32)
+
+
+# ----------------------------------------------------------------- `(1 + scale)[:, None, :]`
+class IndexedModulation(nn.Module):
+    """AdaLayerNormContinuous / CogVideoX: the `+ 1` before the [:, None, :] index."""
+
+    def __init__(self, k_tensor: bool = False):
+        super().__init__()
+        self.ln = nn.LayerNorm(D, eps=1e-6, elementwise_affine=False)
+        self.k_tensor = k_tensor
+
+    def forward(self, x, emb):
+        scale, shift = emb.chunk(2, dim=1)
+        k = emb[:, :D] if self.k_tensor else 1
+        return self.ln(x) * (k + scale)[:, None, :] + shift[:, None, :]
+
+
+@pytest.mark.parametrize("k_tensor", [False, True], ids=["literal_1", "tensor_k"])
+def test_indexed_modulation(k_tensor):
+    """The unsqueeze is hoisted before a literal `+ 1` (exact) and the modulation fuses;
+    with a tensor in place of the 1 it is not a modulation and nothing is rewritten."""
+    torch.manual_seed(0)
+    x, emb = torch.randn(B, L, D), torch.randn(B, 2 * D)
+    m = IndexedModulation(k_tensor).eval()
+    with torch.no_grad():
+        ref = m(x, emb)
+    out, rep = compile_and_run(m, x, emb)
+    mods = [v for v in rep.variants() if v.startswith("norm_scale_shift:") and "/mod" in v]
+    assert (mods == []) == k_tensor, rep.variants()
+    assert_close(out, ref)
