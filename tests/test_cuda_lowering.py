@@ -75,6 +75,14 @@ CASES = {
                                             1e-6, 3, True, False, dt),
         "complex-table": lambda dt: (rnd(2, 7, 3, 16, dtype=dt), rnd(16), *(complex_table(7, 16),) * 2,
                                      1e-6, 3, False, True, dt),
+        # + bias, is_rms: LayerNorm per head (CogVideoX: [B, H, L, D] read through strides, one head per token)
+        "layernorm-heads-first": lambda dt: ((rnd(2, 7, 3, 16, dtype=dt) + 3).transpose(1, 2).unsqueeze(-2),
+                                             rnd(16, dtype=dt), table(7, 1, 16), table(7, 1, 16), 1e-6, 1, False,
+                                             True, dt, rnd(16, dtype=dt), False),
+        "layernorm-hd12-neox": lambda dt: (rnd(2, 7, 3, 12, dtype=dt) - 2, rnd(12), table(7, 1, 12),
+                                           table(7, 1, 12), 1e-5, 3, False, False, dt, rnd(12), False),
+        "layernorm-bias-only": lambda dt: (rnd(2, 5, 2, 8, dtype=dt), None, table(5, 1, 8), table(5, 1, 8),
+                                           1e-6, 2, False, True, F32, rnd(8), False),
     },
 }
 REFS = {"rms_norm": ops.rms_norm_ref, "scale_shift": ops.scale_shift_ref,
@@ -119,6 +127,9 @@ def test_supports_reasons(monkeypatch):
     assert "leading dims" in cuda.supports("scale_shift", site(a=rnd(2, 2, 2, 2, 8), b=rnd(8), c=None, k=1.0))
     assert "odd head_dim" in cuda.supports("qk_norm_rope", site(x=rnd(2, 3, 5), weight=None, cos=rnd(3, 1, 5),
                                                                 sin=rnd(3, 1, 5), num_heads=1, across_heads=True))
+    assert "LayerNorm per head only" in cuda.supports("qk_norm_rope", site(
+        x=rnd(2, 3, 16), weight=None, bias=rnd(16), cos=rnd(3, 1, 8), sin=rnd(3, 1, 8), num_heads=2,
+        across_heads=True, is_rms=False))
     assert "widens" in cuda.supports("norm_scale_shift", site(x=rnd(2, 3, 8), residual=None, gate=None, weight=None,
                                                               bias=None, scale=rnd(4, 2, 1, 8), shift=None))
     if DEVICE == "cpu":
@@ -211,6 +222,10 @@ def test_real_sizes(d):
     q = rnd(1, L, d, dtype=torch.bfloat16)
     qargs = (q, rnd(d), table(1, L, 1, 128), table(1, L, 1, 128), 1e-6, heads, True, True, torch.bfloat16)
     assert_close(cuda.IMPLS["qk_norm_rope"](*qargs), ops.qk_norm_rope_ref(*qargs))
+    # CogVideoX: LayerNorm per head on [B, H, L, D] (a transposed view), one head per token, text rows identity
+    qh = (rnd(1, L, heads, 64, dtype=torch.bfloat16) + 1).transpose(1, 2).unsqueeze(-2)
+    largs = (qh, rnd(64), table(L, 1, 64), table(L, 1, 64), 1e-6, 1, False, False, torch.bfloat16, rnd(64), False)
+    assert_close(cuda.IMPLS["qk_norm_rope"](*largs), ops.qk_norm_rope_ref(*largs))
 
 
 @pytest.mark.cuda

@@ -405,3 +405,101 @@ def test_whole_width_rope_is_one_head(lowering):
     out, rep = compile_and_run(m, *args, options={"lowering": lowering})
     assert rep.matches() == {"qk_norm_rope": 1}, (str(rep), rep.variants())
     assert_close(out, ref)
+
+
+class LayerNormInPlaceRope(nn.Module):
+    """CogVideoX: q/k transposed to [B, H, L, D], LayerNorm per head (weight and bias), then
+    the rope written in place on the video tokens: `q[:, :, T:] = rope(q[:, :, T:])`.
+    `write(q, r)` is the in-place write (swappable for the near-misses)."""
+
+    def __init__(self, dtype=torch.float32, write=None, norm=None, dynamic_bias=False):
+        super().__init__()
+        self.to_q = nn.Linear(H * D, H * D)
+        self.norm_q = norm or nn.LayerNorm(D, eps=1e-6)
+        with torch.no_grad():
+            for p in self.norm_q.parameters():
+                p.normal_()
+        self.write = write or self._write
+        self.to(dtype)
+
+    @staticmethod
+    def _write(q, r):
+        q[:, :, T:] = r(q[:, :, T:])
+
+    def forward(self, h, cos, sin):
+        q = self.to_q(h).view(B, -1, H, D).transpose(1, 2)
+        q = self.norm_q(q)
+        self.write(q, lambda x: rope_heads_first(x, cos, sin))
+        return q * 2
+
+
+def rope_heads_first(x, cos, sin):
+    """diffusers apply_rotary_emb(use_real=True) on [B, H, L, D] (sequence_dim=2: CogVideoX)."""
+    cos, sin = cos[None, None], sin[None, None]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def run_in_place(m, dtype=torch.float32, **kw):
+    torch.manual_seed(5)
+    cos, sin, _ = tables(L)
+    args = (torch.randn(B, L + T, H * D, dtype=dtype) + 1.5, cos.to(dtype), sin.to(dtype))
+    with torch.no_grad():
+        ref = m(*args)
+    out, rep = compile_and_run(m, *args, **kw)
+    return ref, out, rep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layernorm_in_place_rope_fuses(dtype):
+    """One op over all tokens (identity rows for the text), LayerNorm with bias, one head
+    per token (heads before tokens); closer to fp64 than Inductor's own code."""
+    m = LayerNormInPlaceRope(dtype).eval()
+    ref, out, rep = run_in_place(m, dtype)
+    assert rep.matches() == {"qk_norm_rope": 1}, (str(rep), rep.variants())
+    want = "stack/scatter_tokens" if dtype == torch.float32 else "stack/float/scatter_tokens"  # fp32: no casts
+    assert rep.variants() == {f"qk_norm_rope:{want}": 1}, rep.variants()
+    assert rep.misses == []
+    assert_close(out, ref)
+
+
+def test_layernorm_in_place_rope_dynamic_shapes():
+    m = LayerNormInPlaceRope().eval()
+    ref, out, rep = run_in_place(m, dynamic=True)
+    assert rep.matches() == {"qk_norm_rope": 1}, str(rep)
+    assert_close(out, ref)
+
+
+def _write_elsewhere(q, r):
+    q[:, :, T:] = r(q[:, :, T - 1:-1])
+
+
+def _write_rounded(q, r):
+    q[:, :, T:] = r(q[:, :, T:].half()).to(q.dtype) if q.dtype == torch.float32 else r(q[:, :, T:])
+
+
+class ModulatedLN(nn.Module):
+    """LayerNorm whose "weight" is computed (a modulation), not a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.s = nn.Linear(1, 1)
+
+    def forward(self, x):
+        return self.ln(x) * (self.s.weight.view(1) * torch.ones(D))
+
+
+@pytest.mark.parametrize("name", ["write to another range", "rope of a rounded q", "computed affine",
+                                  "LayerNorm over two dims"])
+def test_layernorm_in_place_near_misses_do_not_fuse(name):
+    kw = {"write to another range": dict(write=_write_elsewhere),
+          "rope of a rounded q": dict(write=_write_rounded),
+          "computed affine": dict(norm=ModulatedLN()),
+          "LayerNorm over two dims": dict(norm=nn.LayerNorm((L + T, D)))}[name]
+    m = LayerNormInPlaceRope(**kw).eval()
+    ref, out, rep = run_in_place(m)
+    assert "qk_norm_rope" not in rep.matches(), (name, str(rep), rep.variants())
+    # Inductor drops the fp16 round trip eager makes (emulate_precision_casts is off)
+    assert_close(out, ref, torch.bfloat16 if name == "rope of a rounded q" else None)

@@ -377,6 +377,10 @@ def test_npu_rope_refuses_complex_and_wide_heads(npu_calls):
     assert "complex" in npu.supports("qk_norm_rope", _site(
         x=torch.randn(1, L, 2, D), weight=None, cos=c, sin=c, eps=1e-6, num_heads=2, across_heads=False,
         interleaved=True, out_dtype=torch.float32))
+    t = torch.randn(1, L, 1, D)
+    assert "RMSNorm kernels only" in npu.supports("qk_norm_rope", _site(
+        x=torch.randn(1, L, 2, D), weight=None, bias=torch.randn(D), cos=t, sin=t, eps=1e-6, num_heads=2,
+        across_heads=False, interleaved=True, out_dtype=torch.float32, is_rms=False))
 
 
 @pytest.mark.parametrize("name", ["wan-t2v-tiny", "wan-i2v-tiny", "wan-ti2v-tiny"])

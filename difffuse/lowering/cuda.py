@@ -63,14 +63,14 @@ QK_KERNEL = "triton"
 
 
 def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
-                 out_dtype: torch.dtype):
-    """difffuse::qk_norm_rope through the kernel QK_KERNEL names."""
-    if QK_KERNEL == "jit" and not INTERPRET:
+                 out_dtype: torch.dtype, bias=None, is_rms: bool = True):
+    """difffuse::qk_norm_rope through the kernel QK_KERNEL names (the JIT kernel: RMSNorm only)."""
+    if QK_KERNEL == "jit" and not INTERPRET and is_rms and bias is None:
         from . import cuda_jit
 
         if cuda_jit.available() is None and cuda_jit.reason(x, num_heads, across_heads, cos, sin, weight) is None:
             return cuda_jit.jit_op(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
-    return tk.qk_norm_rope(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
+    return tk.qk_norm_rope(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype, bias, is_rms)
 
 
 IMPLS = {
@@ -173,8 +173,10 @@ def _norm_scale_shift(site) -> Optional[str]:
 
 
 def _qk_norm_rope(site) -> Optional[str]:
-    x, w, cos, sin = _tensors(site, ("x", "weight", "cos", "sin"))
+    x, w, b, cos, sin = _tensors(site, ("x", "weight", "bias", "cos", "sin"))
     heads = site["num_heads"]
+    if not site.get("is_rms", True) and site["across_heads"]:
+        return "LayerNorm across heads: the Triton kernel normalises a LayerNorm per head only"
     if site["across_heads"]:
         shape = (*x.shape[:-1], heads, x.shape[-1] // heads)
         width = x.shape[-1]
@@ -189,8 +191,8 @@ def _qk_norm_rope(site) -> Optional[str]:
             torch.broadcast_shapes(t.shape, shape)
         except RuntimeError:
             return f"cos/sin of shape {tuple(t.shape)} do not broadcast against q/k {tuple(shape)}"
-    return (_common([x, w, cos, sin]) or _width(width) or _width(heads * hd) or _lead(shape, 2)
-            or _vector(w, width, "weight"))
+    return (_common([x, w, b, cos, sin]) or _width(width) or _width(heads * hd) or _lead(shape, 2)
+            or _vector(w, width, "weight") or _vector(b, width, "bias"))
 
 
 def _linear_gelu(site) -> Optional[str]:

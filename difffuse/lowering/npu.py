@@ -156,10 +156,12 @@ def _table4(t: Tensor) -> Tensor:
 
 
 def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
-                 out_dtype: torch.dtype) -> Tensor:
+                 out_dtype: torch.dtype, bias: Optional[Tensor] = None, is_rms: bool = True) -> Tensor:
     """difffuse::qk_norm_rope = the rms_norm kernels, then npu_rotary_mul on [B, S, N, D].
     interleave: r1[2i] = r1[2i+1] = cos[2i], r2[2i] = r2[2i+1] = sin[2i+1] (the reference's
-    pair rotation); half: r1 = cos, r2 = sin."""
+    pair rotation); half: r1 = cos, r2 = sin. RMSNorm only (``supports`` declines LayerNorm)."""
+    if not is_rms or bias is not None:
+        raise ValueError("difffuse npu qk_norm_rope: RMSNorm q/k only (supports() declines LayerNorm)")
     n = _rms_fp32(x, weight, eps)
     if across_heads:
         n = n.unflatten(-1, (num_heads, -1))
@@ -282,6 +284,8 @@ def supports(family: str, site: dict) -> Optional[str]:
             return None if site["is_rms"] else "LayerNorm without modulation: no NPU kernel to add"
         return modulation_reason(tuple(r_shape), scale, shift, site["k"])
     if family == "qk_norm_rope":
+        if not site.get("is_rms", True):
+            return "LayerNorm q/k: the NPU lowering has RMSNorm kernels only"
         x, cos, sin = _tensor(site["x"]), _tensor(site["cos"]), _tensor(site["sin"])
         reason = _float_ok(x, _tensor(site.get("weight")))
         if reason:

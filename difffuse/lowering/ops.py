@@ -42,6 +42,22 @@ def _(x, weight, eps, out_dtype):
     return x.new_empty(shape, dtype=out_dtype)
 
 
+def norm_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool) -> Tensor:
+    """fp32 norm over the last dim: RMSNorm x * rsqrt(mean(x²) + eps) if is_rms, else
+    LayerNorm (x - mean) * rsqrt(var + eps) (biased var); then [* weight] [+ bias]."""
+    xf = _f32(x)
+    if is_rms:
+        n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        var, mean = torch.var_mean(xf, dim=-1, correction=0, keepdim=True)
+        n = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        n = n * _f32(weight)
+    if bias is not None:
+        n = n + _f32(bias)
+    return n
+
+
 # ---------------------------------------------------------------- scale_shift
 def scale_shift_ref(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype) -> Tensor:
     """out = c + a * (k + b) (c optional), broadcasting b and c against a, in fp32."""
@@ -85,16 +101,7 @@ def norm_scale_shift_ref(
     else:
         xs = _f32(x) if gate is None else _f32(x) * _f32(gate)
         r = (_f32(residual) + xs).to(residual_dtype)
-    rf = _f32(r)
-    if is_rms:
-        n = rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        var, mean = torch.var_mean(rf, dim=-1, correction=0, keepdim=True)
-        n = (rf - mean) * torch.rsqrt(var + eps)
-    if weight is not None:
-        n = n * _f32(weight)
-    if bias is not None:
-        n = n + _f32(bias)
+    n = norm_ref(r, weight, bias, eps, is_rms)
     if scale is not None:
         n = n * (_f32(scale) + k)
     if shift is not None:
@@ -161,14 +168,16 @@ def qk_norm_rope_ref(
     across_heads: bool,
     interleaved: bool,
     out_dtype: torch.dtype,
+    bias: Optional[Tensor] = None,
+    is_rms: bool = True,
 ) -> Tensor:
-    """y = rope(rms_norm(x, weight, eps)). Across heads: x is [..., H*D], normalised over
-    H*D, then viewed [..., H, D]; per head: x is [..., H, D], normalised over D.
-    Returns [..., H, D] in out_dtype; cos/sin broadcast against [..., H, D]."""
+    """y = rope(norm(x) [* weight] [+ bias]), norm RMSNorm (is_rms) or LayerNorm. Across
+    heads: x is [..., H*D], normalised over H*D, then viewed [..., H, D]; per head: x is
+    [..., H, D], normalised over D. Returns [..., H, D] in out_dtype; cos/sin broadcast
+    against [..., H, D]."""
+    n = norm_ref(x, weight, bias, eps, is_rms)
     if across_heads:
-        n = rms_norm_ref(x, weight, eps, torch.float32).unflatten(-1, (num_heads, -1))
-    else:
-        n = rms_norm_ref(x, weight, eps, torch.float32)
+        n = n.unflatten(-1, (num_heads, -1))
     return rope_ref(n, cos, sin, interleaved).to(out_dtype)
 
 
@@ -183,12 +192,15 @@ def qk_norm_rope(
     across_heads: bool,
     interleaved: bool,
     out_dtype: torch.dtype,
+    bias: Optional[Tensor] = None,
+    is_rms: bool = True,
 ) -> Tensor:
-    return qk_norm_rope_ref(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype).contiguous()
+    return qk_norm_rope_ref(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype,
+                            bias, is_rms).contiguous()
 
 
 @qk_norm_rope.register_fake
-def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype):
+def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype, bias=None, is_rms=True):
     if across_heads:
         shape = (*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
     else:

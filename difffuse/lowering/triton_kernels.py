@@ -254,13 +254,14 @@ def _pairs(P, h, HD: tl.constexpr, BHALF: tl.constexpr, sh, sd, m, INTERLEAVED: 
 
 @triton.jit
 def qk_norm_rope_kernel(
-        X, W, COS, SIN, Y, N1, N2, H,
+        X, W, B, COS, SIN, Y, N1, N2, H,
         sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, eps,
-        ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, LEAD: tl.constexpr,
-        HD: tl.constexpr, HC: tl.constexpr, BHALF: tl.constexpr, FLAT: tl.constexpr,
-        SHARED_TABLE: tl.constexpr):
+        ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        IS_RMS: tl.constexpr, LEAD: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr, BHALF: tl.constexpr,
+        FLAT: tl.constexpr, SHARED_TABLE: tl.constexpr):
     """One token, HC heads at a time: n = rms_norm(x) over all heads (ACROSS: a first pass
-    sums the squares, the second re-reads x from cache) or per head, [* w];
+    sums the squares, the second re-reads x from cache) or per head, [* w]; or, per head
+    only (not IS_RMS), n = layer_norm(x) = (x - mean) * rsqrt(var + eps) [* w] [+ b];
     y = rope(n) on pairs (a, b) = (2i, 2i+1) (interleaved) or (i, i + HD/2) (neox):
     interleaved: ya = na*cos[a] - nb*sin[b], yb = na*sin[b] + nb*cos[a];
     neox:        ya = na*cos[a] - nb*sin[a], yb = nb*cos[b] + na*sin[b].
@@ -282,10 +283,18 @@ def qk_norm_rope_kernel(
         sa, sb = _pairs(srow, one, HD, BHALF, 0, ssd, one < 1, INTERLEAVED, FLAT)
     if HAS_W and not ACROSS:  # per head: one weight row shared by the heads
         wa, wb = _pairs(W, one, HD, BHALF, 0, 1, one < 1, INTERLEAVED, FLAT)
+    if HAS_B:
+        ba, bb = _pairs(B, one, HD, BHALF, 0, 1, one < 1, INTERLEAVED, FLAT)
+    tl.static_assert(IS_RMS or not ACROSS, "LayerNorm is per head only")
     for c in range(0, H, HC):
         hh = c + h
         m = hh < H
         xa, xb = _pairs(xrow, hh, HD, BHALF, sxh, sxd, m, INTERLEAVED, FLAT)
+        if not IS_RMS:  # centre; pairs past HD/2 (non-FLAT padding) stay 0
+            mu = (tl.sum(xa + xb, 1) / HD)[:, None]
+            pv = tl.arange(0, BHALF)[None, :] < HD // 2
+            xa = tl.where(pv, xa - mu, 0.0)
+            xb = tl.where(pv, xb - mu, 0.0)
         if ACROSS:
             r = r_all
         else:
@@ -297,6 +306,9 @@ def qk_norm_rope_kernel(
                 wa, wb = _pairs(W, hh, HD, BHALF, HD, 1, m, INTERLEAVED, FLAT)
             na = na * wa
             nb = nb * wb
+        if HAS_B:
+            na = na + ba
+            nb = nb + bb
         if not SHARED_TABLE:
             ca, cb = _pairs(crow, hh, HD, BHALF, sch, scd, m, INTERLEAVED, FLAT)
             sa, sb = _pairs(srow, hh, HD, BHALF, ssh, ssd, m, INTERLEAVED, FLAT)
@@ -329,17 +341,20 @@ def heads_per_chunk(num_heads: int) -> int:
 
 @triton_op("difffuse::triton_qk_norm_rope", mutates_args=())
 def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, eps: float, num_heads: int,
-                 across_heads: bool, interleaved: bool, out_dtype: torch.dtype) -> Tensor:
+                 across_heads: bool, interleaved: bool, out_dtype: torch.dtype, bias: Optional[Tensor] = None,
+                 is_rms: bool = True) -> Tensor:
     xv = x.unflatten(-1, (num_heads, -1)) if across_heads else x
     shape = xv.shape
     hd = shape[-1]
     y = torch.empty(shape, dtype=out_dtype, device=x.device)
     w = weight.reshape(-1) if weight is not None else None
+    b = bias.reshape(-1) if bias is not None else None
     hc, bhalf = heads_per_chunk(num_heads), block(hd // 2)
     sizes, (sx, sc, ss), lead = index_plan(shape, [xv, cos, sin], inner=2)
     shared = statically_known_true(sc[3] == 0) and statically_known_true(ss[3] == 0)
-    launch(qk_norm_rope_kernel, (rows(shape, 2),), xv, w, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss, eps,
-           ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, LEAD=lead, HD=hd, HC=hc,
+    launch(qk_norm_rope_kernel, (rows(shape, 2),), xv, w, b, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss, eps,
+           ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, HAS_B=b is not None,
+           IS_RMS=is_rms, LEAD=lead, HD=hd, HC=hc,
            BHALF=bhalf, FLAT=hd == 2 * bhalf, SHARED_TABLE=shared,
            num_warps=warps(hc * bhalf * 2, "qk_norm_rope"))
     return y

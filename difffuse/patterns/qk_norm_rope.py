@@ -1,10 +1,11 @@
-"""qk_norm_rope: RMSNorm of q (or k) followed by a rotary embedding, in one op call.
+"""qk_norm_rope: RMSNorm (or LayerNorm) of q (or k) followed by a rotary embedding, in one op call.
 
-    x ─ RMSNorm(last dim, eps, w)  ─ (view [.., H*D] → [.., H, D])? ─ r ─ rope(r, cos, sin) ─▶ out [.., H, D]
-      ==>  difffuse::qk_norm_rope(x, w, cos, sin, eps, H, across_heads, interleaved, out_dtype)
+    x ─ norm(last dim, eps, w, b)  ─ (view [.., H*D] → [.., H, D])? ─ r ─ rope(r, cos, sin) ─▶ out [.., H, D]
+      ==>  difffuse::qk_norm_rope(x, w, cos, sin, eps, H, across_heads, interleaved, out_dtype, b, is_rms)
 
 The norm is any of rms_norm's own variants (its table, matched at the node that feeds the
-rope); its scope is read from the shapes: *across heads* (x is [.., H*D], viewed to
+rope) or a LayerNorm (patterns/layer_norm.py: weight and bias parameters); a layout
+`clone` before it is dropped (the op reads strides). Its scope is read from the shapes: *across heads* (x is [.., H*D], viewed to
 [.., H, D] after the norm: Wan) or *per head* (x is [.., H, D]: Flux, Qwen-Image, ...).
 The rope is one of the spellings below (each a variant, dumped from torch 2.13 post-grad
 graphs, fp32 and bf16; `.float()` casts are their own variants, mixed-dtype products
@@ -25,7 +26,9 @@ leave no cast node). The permute to [B, H, L, D] for attention stays in the grap
           sin[2i+1] = Im f_i: exactly the op's interleaved pair rotation).
 
 A q/k of rank 3 ([B, L, D], no head dim: LTX-Video ropes the whole width after its
-across-heads norm) is one head of width D: the op gets [B, L, 1, D] views.
+across-heads norm) is one head of width D: the op gets [B, L, 1, D] views. So is a per-head
+q/k laid out [B, H, L, D] (CogVideoX normalises after the transpose): the tables index
+dim -2, so it is the token dim, and the op gets [B, H, L, 1, D].
 
 The op's interleaved math is Wan's: out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1],
 out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i]. It is exact for wan_scatter and complex
@@ -48,17 +51,21 @@ Beyond one norm feeding one rope (each its own variant or check):
   token range    cat([rope(n[:, :a]), n[:, a:]]) or the text-first mirror (HunyuanVideo
                  single blocks rope the image tokens only): one op call over all tokens
                  with identity rows (cos 1, sin 0) for the tokens passed through.
-Known misses: CogVideoX's q/k LayerNorm (not an RMSNorm) with its in-place partial rope;
-partial rotary over part of head_dim.
+  in place       q[:, :, a:] = rope(q[:, :, a:]) (CogVideoX), functionalized as
+                 slice_scatter(n, copy(n[.., a:], rope(n[.., a:])), d, a, end): the same one op
+                 call; the copy must not round (rope output in q's dtype).
+Known misses: partial rotary over part of head_dim; a LayerNorm across heads on the CUDA
+lowering (its kernel normalises LayerNorm per head only) and on NPU.
 """
 from __future__ import annotations
 
 import operator
 
 import torch
-from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg
+from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, Ignored, KeywordArg
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from . import layer_norm
 from .common import CONVERT, VIEW_OPS, Family, Variant, aten, cast, is_upcast, val
 from .rms_norm import RMSNormPattern
 
@@ -136,6 +143,16 @@ def partial_rope(rope, form: str, casts: bool, rope_first: bool):
     return CallFunction(aten.cat.default, [out, rest] if rope_first else [rest, out], d)
 
 
+def scatter_rope(rope, form: str, casts: bool):
+    """Rope written in place on one token range of a normalised q/k (CogVideoX:
+    `q[:, :, a:] = rope(q[:, :, a:])`), functionalized:
+    slice_scatter(n, copy(n[.., a:b, ..], rope(n[.., a:b, ..])), d, a, b)."""
+    n, d, a, b = KeywordArg("normed"), KeywordArg("seg_dim"), KeywordArg("rope_start"), KeywordArg("rope_end")
+    roped = CallFunction(aten.slice.Tensor, n, d, a, b, _users=MULTIPLE)  # the copy may write into this node
+    written = CallFunction(aten.copy.default, KeywordArg("dst"), rope(form, casts, roped))
+    return CallFunction(aten.slice_scatter.default, n, written, d, a, b)
+
+
 # --------------------------------------------------------------------- shape helpers
 def _table_dim(t, dim: int, ndim: int):
     """The dim of a table (broadcast from the right against rank-`ndim` q/k) that lines up
@@ -191,6 +208,15 @@ def _half_table(node, start: int):
     return node.args[0]
 
 
+def _norm_at(node) -> tuple | None:
+    """(site or reason, matched nodes) for the RMSNorm or LayerNorm ending at `node`."""
+    for variant in _RMS.variants():
+        m = variant.pattern.match(node)
+        if m:
+            return _RMS.check(m, variant), list(m.nodes)
+    return layer_norm.match_at(node)
+
+
 class QKNormRopePattern(Family):
     name = "qk_norm_rope"
 
@@ -206,6 +232,8 @@ class QKNormRopePattern(Family):
                     out.append(Variant(f"{name}/{'head' if first else 'tail'}_tokens",
                                        partial_rope(rope, form, casts, first),
                                        {"form": form, "casts": casts, "partial": "head" if first else "tail"}))
+                out.append(Variant(f"{name}/scatter_tokens", scatter_rope(rope, form, casts),
+                                   {"form": form, "casts": casts, "partial": "scatter"}))
                 out.append(Variant(name, rope(form, casts), {"form": form, "casts": casts}))
         return out
 
@@ -244,22 +272,36 @@ class QKNormRopePattern(Family):
         if isinstance(tables, str):
             return tables
         out = match.output_node()
-        rope_out = out.args[0][0 if partial == "head" else 1] if partial else out
+        if partial == "scatter":
+            rope_out = out.args[1].args[1]  # slice_scatter(n, copy(dst, rope_out), ..)
+        else:
+            rope_out = out.args[0][0 if partial == "head" else 1] if partial else out
         if not _same(val(rope_out).shape, rv.shape):
             return f"rope output {tuple(val(rope_out).shape)} is not shaped like its input {tuple(rv.shape)}"
         common = dict(out_dtype=val(out).dtype, interleaved=form != "neox", form=form)
         if partial:
-            return self._partial_site(match, kw, rv, tables, partial, common)
-        if r.target == aten.cat.default:
-            return self._joint_site(match, r, rv, tables, common)
-        norm = self._norm(match, r, rv)
-        if isinstance(norm, str):
-            return norm
-        norm.update(tables, **common)
-        if norm.get("one_head"):  # what the op will get
-            norm["check_tables"] = {"x": val(norm["x"]).unsqueeze(-2),
-                                    **{t: val(tables[t]).unsqueeze(-2) for t in ("cos", "sin")}}
-        return norm
+            site = self._partial_site(match, kw, rv, tables, partial, common)
+        elif r.target == aten.cat.default:
+            site = self._joint_site(match, r, rv, tables, common)
+        else:
+            site = self._norm(match, r, rv)
+            if not isinstance(site, str):
+                site.update(tables, **common)
+        if isinstance(site, str):
+            return site
+        for call in site.get("calls", [site]):
+            if not call["across_heads"] and not call.get("one_head") and \
+                    _table_dim(val(tables["cos"]), rv.ndim - 2, rv.ndim) is not None:
+                # per head on [B, H, L, D] (heads before tokens: CogVideoX): dim -2 is the
+                # token dim the tables index, so the op gets one head per token
+                call.update(one_head=True, num_heads=1)
+            if not isinstance(call["num_heads"], int):
+                return f"number of heads {call['num_heads']} is not a constant"
+            if call.get("one_head"):  # what the op will get
+                got = call.get("check_tables", {})
+                call["check_tables"] = {"x": val(call["x"]).unsqueeze(-2), **{
+                    t: got.get(t, val(tables[t])).unsqueeze(-2) for t in ("cos", "sin")}}
+        return site
 
     # ------------------------------------------------------------------ token ranges
     def _roped_slice(self, match):
@@ -269,12 +311,13 @@ class QKNormRopePattern(Family):
 
     def _partial_site(self, match, kw, rv, tables, partial, common) -> dict | str:
         """Rope on [a, b) of a token dim, the rest of that dim passed through: one op call
-        on all tokens with identity rows (cos 1, sin 0) for the rest in the tables."""
+        on all tokens with identity rows (cos 1, sin 0) for the rest in the tables.
+        (A table that does not vary along the dim, e.g. the head dim, is not a token dim.)"""
         normed, dim = kw["normed"], kw["seg_dim"]
         nv = val(normed)
         if dim < 0:
             dim += nv.ndim
-        if not isinstance(dim, int) or not 0 <= dim < nv.ndim - 2:
+        if not isinstance(dim, int) or not 0 <= dim < nv.ndim - 1:
             return f"rope on a range of dim {kw['seg_dim']}, not of a token dim"
         size = nv.shape[dim]
 
@@ -282,19 +325,30 @@ class QKNormRopePattern(Family):
             i = size if i is None or i == INF_END else i
             return i + size if isinstance(i, int) and i < 0 else i
         a, b = bound(kw["rope_start"]), bound(kw["rope_end"])
-        c, e = bound(kw["rest_start"]), bound(kw["rest_end"])
-        if not all(isinstance(i, int) for i in (a, b, c, e)):
-            return "token ranges are not constants"
-        e, b = min(e, size), min(b, size)
-        tiles = (a == 0 and b == c and e == size) if partial == "head" else (c == 0 and e == a and b == size)
-        if not tiles or a == b or c == e:
+        consumers = ()
+        if partial == "scatter":  # written in place: the rest is [0, a) or [b, size)
+            consumers = self._scatter_writes(match, kw)
+            if isinstance(consumers, str):
+                return consumers
+            partial = "head" if a == 0 else "tail"
+            c, e = (b, size) if a == 0 else (0, a)
+        else:
+            c, e = bound(kw["rest_start"]), bound(kw["rest_end"])
+        if not all(isinstance(i, (int, torch.SymInt)) for i in (a, b, c, e)):
+            return "token ranges are not integers"
+        if isinstance(size, int):
+            e, b = (min(i, size) if isinstance(i, int) else i for i in (e, b))
+        tiles = (_eq(a, 0) and _eq(b, c) and _eq(e, size)) if partial == "head" else (
+            _eq(c, 0) and _eq(e, a) and _eq(b, size))
+        if not tiles or _eq(a, b) or _eq(c, e):
             return f"roped [{a}, {b}) and passed [{c}, {e}) do not split the {size} tokens in two"
         tdim = _table_dim(val(tables["cos"]), dim, rv.ndim)
         if tdim is None or not _eq(val(tables["cos"]).shape[tdim], rv.shape[dim]):
             return f"cos/sin {tuple(val(tables['cos']).shape)} are not indexed by token along dim {dim}"
-        norm = self._norm(match, normed, nv)
+        norm = self._norm(match, normed, nv, consumers=consumers)
         if isinstance(norm, str):
             return norm
+        norm["norm_nodes"] = list(consumers) + norm["norm_nodes"]  # the write's target first: it reads the norm
         rest = e - c
         ext = {t: val(tables[t]).new_empty([rest if i == tdim else s for i, s in enumerate(val(tables[t]).shape)])
                for t in ("cos", "sin")}  # the identity rows, for the lowering's eligibility check
@@ -302,6 +356,23 @@ class QKNormRopePattern(Family):
         norm["check_tables"] = {t: torch.cat([val(tables[t]), ext[t]] if partial == "head"
                                              else [ext[t], val(tables[t])], tdim) for t in ("cos", "sin")}
         return norm
+
+    def _scatter_writes(self, match, kw) -> tuple | str:
+        """The in-place form's checks: the copy writes the rope (same dtype, no rounding)
+        into a slice of the normalised q/k at the roped range; returns the nodes outside
+        the pattern that read the norm output (a separate slice node as the copy's target)."""
+        out = match.output_node()
+        copy = out.args[1]
+        dst, src = kw["dst"], copy.args[1]
+        if val(dst).dtype != val(src).dtype:
+            return f"the rope ({val(src).dtype}) is written into a {val(dst).dtype} q/k: a rounding the op does not make"
+        if dst in match.nodes:
+            return ()
+        if not (dst.target == aten.slice.Tensor and dst.args[0] is kw["normed"]
+                and list(dst.args[1:4]) == [kw["seg_dim"], kw["rope_start"], kw["rope_end"]]
+                and list(dst.users) == [copy]):
+            return "the rope is copied into something other than its own token range of q/k"
+        return (dst,)
 
     def _joint_site(self, match, r, rv, tables, common) -> dict | str:
         """Rope over a concatenation of separately normalised q (or k) streams (Flux's joint
@@ -315,7 +386,7 @@ class QKNormRopePattern(Family):
         calls, offset = [], 0
         for part in parts:
             pv = val(part)
-            site = self._norm(match, part, pv, consumer=r)
+            site = self._norm(match, part, pv, consumers=(r,))
             if isinstance(site, str):
                 return f"stream {len(calls)}: {site}"
             tdim = _table_dim(val(tables["cos"]), dim, rv.ndim)
@@ -343,7 +414,9 @@ class QKNormRopePattern(Family):
         if "u_dim" in kw and not _is_last(kw["u_dim"], len(shape) + 1):
             return f"pairs stacked over dim {kw['u_dim']}, not the last"
         if variant.info["casts"]:
-            out = match.output_node()  # the rope's own final cast is the output or feeds the join
+            out = match.output_node()  # the rope's own final cast is the output or feeds the join (or the copy)
+            if variant.info.get("partial") == "scatter":
+                out = out.args[1]
             ups = [n for n in match.nodes if n.target == CONVERT and n is not out and out not in n.users]
             if not all(is_upcast(n) and n.args[1] == torch.float32 for n in ups):
                 return "the rope computes in a narrower dtype than fp32 (.float() is not an upcast)"
@@ -375,10 +448,11 @@ class QKNormRopePattern(Family):
         reason = _table_reason(cos, sin, shape, d, full_width=form != "wan")
         return reason if reason else {"cos": cos, "sin": sin}
 
-    def _norm(self, match, r, rv, consumer=None) -> dict | str:
-        """Walk r back through views to an RMSNorm (one of rms_norm's variants) used only
-        by the rope (or by `consumer`, the concatenation of streams)."""
-        if any(u not in match.nodes and u is not consumer for u in r.users):
+    def _norm(self, match, r, rv, consumers=()) -> dict | str:
+        """Walk r back through views to the norm (an RMSNorm of rms_norm's table, or a
+        LayerNorm) used only by the rope (or by `consumers`: the concatenation of streams,
+        the in-place write's target)."""
+        if any(u not in match.nodes and u not in consumers for u in r.users):
             return "the rope input is also used outside the rope"
         chain, n = [], r
         while n.target in VIEW_OPS:
@@ -386,35 +460,29 @@ class QKNormRopePattern(Family):
             n = n.args[0]
             if len(n.users) != 1:
                 return "the normalised q/k is also used outside the rope"
-        norm_out = n
-        for variant in _RMS.variants():
-            m = variant.pattern.match(norm_out)
-            if not m:
-                continue
-            site = _RMS.check(m, variant)
-            if isinstance(site, str):
-                return f"norm before the rope not fused: {site}"
-            break
-        else:
-            return "the rope input is not an RMSNorm output (something else sits between norm and rope)"
-        xv, d = val(site["x"]), rv.shape[-1]
+        found = _norm_at(n)
+        if found is None:
+            return "the rope input is not an RMSNorm or LayerNorm output (something else sits between norm and rope)"
+        site, nodes = found
+        if isinstance(site, str):
+            return f"norm before the rope not fused: {site}"
+        dead = chain + list(reversed(nodes))
+        x = site["x"]
+        if x.target == aten.clone.default and all(u in nodes for u in x.users):
+            dead.append(x)  # a layout copy before the norm (LayerNorm of a transposed q/k): the op reads strides
+            x = x.args[0]
+        xv, d = val(x), rv.shape[-1]
+        out = {"x": x, "weight": site["weight"], "bias": site.get("bias"), "eps": site["eps"],
+               "is_rms": site.get("is_rms", True), "head_dim": d, "norm_nodes": dead}
         if _same(xv.shape, rv.shape) and rv.ndim == 3:
             # [B, L, D] with no head dim (LTX ropes the whole width): one head of width D;
             # the replacement views q/k and the tables as [B, L, 1, D]
-            return {"x": site["x"], "weight": site["weight"], "eps": site["eps"], "num_heads": 1,
-                    "across_heads": False, "head_dim": d, "norm_nodes": chain + list(reversed(m.nodes)),
-                    "one_head": True}
+            return {**out, "num_heads": 1, "across_heads": False, "one_head": True}
         if _same(xv.shape, rv.shape):
-            across, heads = False, rv.shape[-2]
-        elif _same(xv.shape[:-1], rv.shape[:-2]) and _eq(xv.shape[-1], rv.shape[-2] * d):
-            across, heads = True, rv.shape[-2]
-        else:
-            return f"norm over {tuple(xv.shape)} is neither per head nor across heads of q/k {tuple(rv.shape)}"
-        if not isinstance(heads, int):
-            return f"number of heads {heads} is not a constant"
-        dead = chain + list(reversed(m.nodes))
-        return {"x": site["x"], "weight": site["weight"], "eps": site["eps"], "num_heads": heads,
-                "across_heads": across, "head_dim": d, "norm_nodes": dead}
+            return {**out, "num_heads": rv.shape[-2], "across_heads": False}
+        if _same(xv.shape[:-1], rv.shape[:-2]) and _eq(xv.shape[-1], rv.shape[-2] * d):
+            return {**out, "num_heads": rv.shape[-2], "across_heads": True}
+        return f"norm over {tuple(xv.shape)} is neither per head nor across heads of q/k {tuple(rv.shape)}"
 
     # ------------------------------------------------------------------ replace
     def replace(self, match, variant, site, ctx):
@@ -422,8 +490,8 @@ class QKNormRopePattern(Family):
         calls = site.get("calls", [site])
         complex_form = site["form"] == "complex"
         table_args = [site["freqs"]] if complex_form else [site["cos"], site["sin"]]
-        weights = [c["weight"] for c in calls]
-        has_w = [w is not None for w in weights]
+        params = [c[k] for c in calls for k in ("weight", "bias")]  # each call's weight and bias, if any
+        has_p = [p is not None for p in params]
         partial, join_dim, table_dim = site.get("partial"), site.get("join_dim"), site.get("table_dim")
 
         def fused(*args):
@@ -433,7 +501,7 @@ class QKNormRopePattern(Family):
                 args = args[1:]
             else:
                 cos, sin, args = args[0], args[1], args[2:]
-            ws = iter(args)
+            ps = iter(args)
             if partial:  # identity rows (cos 1, sin 0) for the tokens the model does not rope
                 shape = list(cos.shape)
                 shape[partial["dim"]] = partial["rest"]
@@ -442,19 +510,19 @@ class QKNormRopePattern(Family):
                 cos = torch.cat([cos, ones] if first else [ones, cos], partial["dim"])
                 sin = torch.cat([sin, zeros] if first else [zeros, sin], partial["dim"])
             outs = []
-            for call, hw, x in zip(calls, has_w, xs):
+            for i, (call, x) in enumerate(zip(calls, xs)):
                 c, s = cos, sin
                 if table_dim is not None:  # each stream's rows of the tables
                     c, s = (t.narrow(table_dim, call["start"], call["length"]) for t in (cos, sin))
-                w = next(ws) if hw else None
+                w, b = (next(ps) if has_p[2 * i + j] else None for j in (0, 1))
                 if call.get("one_head"):
                     x, c, s = x.unsqueeze(-2), c.unsqueeze(-2), s.unsqueeze(-2)
                 o = op(x, w, c, s, call["eps"], call["num_heads"], call["across_heads"], call["interleaved"],
-                       call["out_dtype"])
+                       call["out_dtype"], b, call["is_rms"])
                 outs.append(o.squeeze(-2) if call.get("one_head") else o)
             return torch.cat(outs, join_dim) if join_dim is not None else outs[0]
 
-        ctx.replace(match, fused, [c["x"] for c in calls] + table_args + [w for w in weights if w is not None])
+        ctx.replace(match, fused, [c["x"] for c in calls] + table_args + [p for p in params if p is not None])
         graph = match.graph
         for n in site["norm_nodes"]:  # the norm now feeds nothing: drop it before rms_norm sees it
             if not n._erased and not n.users:
