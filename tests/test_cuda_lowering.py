@@ -136,6 +136,10 @@ def test_supports_reasons(monkeypatch):
         assert "erf-GELU" in cuda.supports("linear_gelu", site(x=x, weight=rnd(8, 16), bias=rnd(8), out_dtype=F32))
         monkeypatch.setattr(cuda, "INTERPRET", False)
         assert "CUDA tensors" in cuda.supports("rms_norm", site(x=x, weight=None))
+    monkeypatch.setattr(cuda, "INTERPRET", False)
+    one = site(x=rnd(2, 3, 7, 1, 64), weight=None, cos=rnd(7, 1, 64), sin=rnd(7, 1, 64), num_heads=1,
+               across_heads=False, one_head=True)
+    assert "one head of width 64 per token" in cuda.supports("qk_norm_rope", one)
 
 
 def test_trace_emits_user_defined_triton_kernel():
