@@ -15,9 +15,8 @@ import itertools
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from .common import CONVERT, aten, cast, is_last_dim_vector, is_number, is_upcast, reduces_last_dim, val
-from .norm_scale_shift import layer_norm
-from .scale_shift import strip_upcast
+from .common import CONVERT, aten, cast, is_number, is_upcast, reduces_last_dim, val
+from .norm_scale_shift import affine_reason, layer_norm
 
 
 def build(upcast: bool, affine: str, out_cast: bool):
@@ -49,11 +48,9 @@ def check(match, upcast: bool) -> dict | str:
         return "LayerNorm eps is a tensor, not a constant"
     if tuple(ov.shape) != tuple(xv.shape):
         return f"LayerNorm output {tuple(ov.shape)} is broadcast past its input {tuple(xv.shape)}"
-    for name in ("weight", "bias"):
-        if name in kw and not is_last_dim_vector(kw[name], xv.shape[-1]):
-            return f"LayerNorm {name} of shape {tuple(val(kw[name]).shape)} is not a last-dim vector"
-        if name in kw and strip_upcast(kw[name]).op not in ("placeholder", "get_attr"):
-            return f"LayerNorm {name} is computed in the graph (a modulation?), not a parameter"
+    reason = affine_reason(kw, xv.shape[-1], "LayerNorm ")
+    if reason:
+        return reason
     return {"x": x, "weight": kw.get("weight"), "bias": kw.get("bias"), "eps": float(kw["eps"]),
             "is_rms": False, "out_dtype": ov.dtype}
 

@@ -57,6 +57,17 @@ def layer_norm(nin):
     return CallFunction(aten.mul.Tensor, CallFunction(aten.sub.Tensor, nin, mean), rs)
 
 
+def affine_reason(kw, d, what: str = "") -> str | None:
+    """A norm's weight / bias (where matched) must be last-dim vectors that are parameters:
+    a computed [.., D] factor is a modulation, not an affine."""
+    for name in ("weight", "bias"):
+        if name in kw and not is_last_dim_vector(kw[name], d):
+            return f"{what}{name} of shape {tuple(val(kw[name]).shape)} is not a last-dim vector"
+        if name in kw and strip_upcast(kw[name]).op not in ("placeholder", "get_attr"):
+            return f"{what}{name} is computed in the graph (a modulation?), not a parameter"
+    return None
+
+
 def build(residual: str, rounding: str, norm: str, affine: str, mod: bool, mid_cast: bool, out_cast: bool):
     """One variant's pattern: out alone, or MultiOutputPattern([out, r])."""
     x = KeywordArg("x")
@@ -157,11 +168,9 @@ class NormScaleShiftPattern(Family):
             return "the k of (k + scale) is a tensor"
         if tuple(ov.shape) != nin_shape:
             return f"output {tuple(ov.shape)} is broadcast past the normalised shape {nin_shape}"
-        for name in ("weight", "bias"):
-            if name in kw and not is_last_dim_vector(kw[name], d):
-                return f"{name} of shape {tuple(val(kw[name]).shape)} is not a last-dim vector"
-            if name in kw and strip_upcast(kw[name]).op not in ("placeholder", "get_attr"):
-                return f"{name} is computed in the graph (a modulation?), not a parameter"
+        reason = affine_reason(kw, d)
+        if reason:
+            return reason
         xn, gate = kw["x"], kw.get("gate")
         if info["rounding"] == "mixed" and info["residual"] == "none":
             up = next(n for n in match.nodes if n.target == CONVERT and n.args[0] is kw["x"])
