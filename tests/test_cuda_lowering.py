@@ -73,12 +73,23 @@ CASES = {
                                              table(2, 7, 1, 8), 1e-6, 3, False, False, F32),
         "per-head-tables-hd12": lambda dt: (rnd(2, 5, 36, dtype=dt), rnd(36), table(2, 5, 3, 12), table(2, 5, 3, 12),
                                             1e-6, 3, True, False, dt),
+        # 12 and 10 heads: several head chunks per token (two passes across heads)
+        "across-12-heads": lambda dt: (rnd(2, 5, 96, dtype=dt), rnd(96), table(1, 5, 1, 8), table(1, 5, 1, 8),
+                                       1e-6, 12, True, True, dt),
+        "per-head-10-heads-neox": lambda dt: (rnd(2, 5, 10, 8, dtype=dt), rnd(8), table(5, 1, 8), table(5, 1, 8),
+                                              1e-6, 10, False, False, dt),
         "complex-table": lambda dt: (rnd(2, 7, 3, 16, dtype=dt), rnd(16), *(complex_table(7, 16),) * 2,
                                      1e-6, 3, False, True, dt),
         # + bias, is_rms: LayerNorm per head (CogVideoX: [B, H, L, D] read through strides, one head per token)
         "layernorm-heads-first": lambda dt: ((rnd(2, 7, 3, 16, dtype=dt) + 3).transpose(1, 2).unsqueeze(-2),
                                              rnd(16, dtype=dt), table(7, 1, 16), table(7, 1, 16), 1e-6, 1, False,
                                              True, dt, rnd(16, dtype=dt), False),
+        # one head per row: 16 rows per program, the last group partial (37 = 16 + 16 + 5)
+        "one-head-rows-grouped": lambda dt: (rnd(37, 1, 64, dtype=dt), rnd(64), table(37, 1, 64), table(37, 1, 64),
+                                             1e-6, 1, False, False, dt),
+        "layernorm-heads-first-grouped": lambda dt: (rnd(2, 37, 3, 64, dtype=dt).transpose(1, 2).unsqueeze(-2),
+                                                     rnd(64, dtype=dt), table(37, 1, 64), table(37, 1, 64), 1e-6, 1,
+                                                     False, True, dt, rnd(64, dtype=dt), False),
         "layernorm-hd12-neox": lambda dt: (rnd(2, 7, 3, 12, dtype=dt) - 2, rnd(12), table(7, 1, 12),
                                            table(7, 1, 12), 1e-5, 3, False, False, dt, rnd(12), False),
         "layernorm-bias-only": lambda dt: (rnd(2, 5, 2, 8, dtype=dt), None, table(5, 1, 8), table(5, 1, 8),
@@ -113,6 +124,20 @@ def test_kernel_matches_reference(family, case, dtype, poisoned):
         assert_close(o, r, dtype)
 
 
+@pytest.mark.parametrize("case", ["across-12-heads", "per-head-10-heads-neox"])
+@pytest.mark.parametrize("hc", [2, 16])
+def test_qk_head_chunking(case, hc, monkeypatch, poisoned):
+    """The qk kernel's head chunk: several chunks per token, or one chunk covering (and
+    masking past) every head, which keeps x in registers."""
+    from difffuse.lowering import triton_kernels as tk
+
+    args = CASES["qk_norm_rope"][case](torch.bfloat16)
+    monkeypatch.setattr(tk, "QK_HEADS", {args[5]: (hc, 2)})
+    out = cuda.IMPLS["qk_norm_rope"](*args)
+    assert not out.isnan().any()
+    assert_close(out, ops.qk_norm_rope_ref(*args), torch.bfloat16)
+
+
 # ------------------------------------------------------------------ eligibility
 def site(**kw):
     return kw
@@ -136,10 +161,6 @@ def test_supports_reasons(monkeypatch):
         assert "erf-GELU" in cuda.supports("linear_gelu", site(x=x, weight=rnd(8, 16), bias=rnd(8), out_dtype=F32))
         monkeypatch.setattr(cuda, "INTERPRET", False)
         assert "CUDA tensors" in cuda.supports("rms_norm", site(x=x, weight=None))
-    monkeypatch.setattr(cuda, "INTERPRET", False)
-    one = site(x=rnd(2, 3, 7, 1, 64), weight=None, cos=rnd(7, 1, 64), sin=rnd(7, 1, 64), num_heads=1,
-               across_heads=False, one_head=True)
-    assert "one head of width 64 per token" in cuda.supports("qk_norm_rope", one)
 
 
 def test_trace_emits_user_defined_triton_kernel():

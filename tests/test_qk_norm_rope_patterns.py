@@ -390,13 +390,11 @@ class WholeWidthRope(nn.Module):
 
 
 @pytest.mark.parametrize("lowering", ["reference", "cuda"], ids=["reference", "triton"])
-def test_whole_width_rope_is_one_head(lowering, monkeypatch):
+def test_whole_width_rope_is_one_head(lowering):
     """[B, L, D] q/k: one head of width D (not L heads), so L * D may exceed the kernels' row
     limit; the CUDA lowering (interpreted on a CPU) takes it."""
     from conftest import DEVICE
-    from difffuse.lowering import cuda
 
-    monkeypatch.setattr(cuda, "ONE_HEAD_MIN_WIDTH", 0)  # d = 16: on a GPU the speed rule would decline it
     seq, d = 600, 16  # seq * d > 8192
     m = WholeWidthRope(d).to(DEVICE).eval()
     torch.manual_seed(4)

@@ -60,11 +60,6 @@ def norm_scale_shift(x, residual, gate, weight, bias, scale, shift, eps: float, 
 # "jit" (the NVRTC-compiled CUDA C++ kernel in cuda_jit.py, an opaque op call; it falls
 # back to Triton where it cannot be built or does not take the site).
 QK_KERNEL = "triton"
-# A q/k the kernel sees as one head per token ([B, L, 1, D] or [B, H, L, 1, D]) runs one row
-# per program; below this width that is slower than Inductor (CogVideoX, head_dim 64: 16 ms vs
-# 2 ms per step on an H200, 2026-12-03), so such sites are left to Inductor. Grouping tokens
-# into the kernel's head dim would lift this; it is not built yet.
-ONE_HEAD_MIN_WIDTH = 512
 
 
 def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
@@ -182,9 +177,6 @@ def _qk_norm_rope(site) -> Optional[str]:
     heads = site["num_heads"]
     if not site.get("is_rms", True) and site["across_heads"]:
         return "LayerNorm across heads: the Triton kernel normalises a LayerNorm per head only"
-    if site.get("one_head") and x.shape[-1] < ONE_HEAD_MIN_WIDTH and not INTERPRET:
-        return (f"one head of width {x.shape[-1]} per token: the kernel would run one {x.shape[-1]}-wide row "
-                f"per program (slower than Inductor)")
     if site["across_heads"]:
         shape = (*x.shape[:-1], heads, x.shape[-1] // heads)
         width = x.shape[-1]

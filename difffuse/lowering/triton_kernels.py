@@ -37,12 +37,14 @@ def block(n: int) -> int:
     return triton.next_power_of_2(int(n))
 
 
-# kernel name -> {block elements: num_warps}, measured on an H100 (benchmarks/tune_triton.py);
+# kernel name -> {block elements: num_warps}, measured on an H200 (benchmarks/tune_triton.py,
+# 2026-12-03; norm_scale_shift at 2048 with 2 warps ran 2x slower there than with 4);
 # sizes not listed use the rule in `warps`.
 WARPS: dict[str, dict[int, int]] = {
-    "rms_norm": {2048: 4, 4096: 4, 8192: 8},
+    "rms_norm": {2048: 4, 4096: 4, 8192: 4},
     "scale_shift": {2048: 4, 4096: 8, 8192: 8},
-    "norm_scale_shift": {2048: 2, 4096: 4, 8192: 8},
+    "norm_scale_shift": {2048: 4, 4096: 4, 8192: 8},
+    "norm_modulate": {2048: 2, 4096: 4, 8192: 8},  # norm_scale_shift without a residual output
 }
 
 
@@ -99,9 +101,10 @@ def _at(P, i0, i1, i2, s0, s1, s2):
 
 # ------------------------------------------------------------------ rms_norm
 @triton.jit
-def rms_norm_kernel(X, W, Y, N1, N2, sx0, sx1, sx2, sxd, D, eps,
+def rms_norm_kernel(X, W, Y, N1, N2, sx0, sx1, sx2, sxd, eps, D: tl.constexpr,
                     HAS_W: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
     """y = x * rsqrt(mean(x², -1) + eps) [* w]."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64, which would widen the math
     row, i0, i1, i2 = _row(N1, N2, LEAD)
     cols = tl.arange(0, BLOCK)
     m = cols < D
@@ -119,7 +122,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.d
     w = weight.reshape(-1) if weight is not None else None
     b = block(d)
     sizes, (sx,), lead = index_plan(x.shape, [x])
-    launch(rms_norm_kernel, (rows(x.shape),), x, w, y, *sizes, *sx, d, eps,
+    launch(rms_norm_kernel, (rows(x.shape),), x, w, y, *sizes, *sx, eps, D=d,
            HAS_W=w is not None, LEAD=lead, BLOCK=b, num_warps=warps(b, "rms_norm"))
     return y
 
@@ -127,8 +130,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.d
 # ------------------------------------------------------------------ scale_shift
 @triton.jit
 def scale_shift_kernel(A, B, C, Y, N1, N2, sa0, sa1, sa2, sad, sb0, sb1, sb2, sbd,
-                       sc0, sc1, sc2, scd, D, k, HAS_C: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
+                       sc0, sc1, sc2, scd, k, D: tl.constexpr, HAS_C: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
     """y = c + a * (k + b)."""
+    k = tl.cast(k, tl.float32)
     row, i0, i1, i2 = _row(N1, N2, LEAD)
     cols = tl.arange(0, BLOCK)
     m = cols < D
@@ -147,7 +151,7 @@ def scale_shift(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: 
     d = shape[-1]
     bl = block(d)
     sizes, (sa, sb, sc), lead = index_plan(shape, [a, b, c])
-    launch(scale_shift_kernel, (rows(shape),), a, b, c, y, *sizes, *sa, *sb, *sc, d, k,
+    launch(scale_shift_kernel, (rows(shape),), a, b, c, y, *sizes, *sa, *sb, *sc, k, D=d,
            HAS_C=c is not None, LEAD=lead, BLOCK=bl, num_warps=warps(bl, "scale_shift"))
     return y
 
@@ -157,12 +161,14 @@ def scale_shift(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: 
 def norm_scale_shift_kernel(
         X, RES, G, W, BIAS, SC, SH, OUT, R, N1, N2,
         sx0, sx1, sx2, sxd, sr0, sr1, sr2, srd, sg0, sg1, sg2, sgd,
-        ss0, ss1, ss2, ssd, sh0, sh1, sh2, shd, D, eps, k,
+        ss0, ss1, ss2, ssd, sh0, sh1, sh2, shd, eps, k, D: tl.constexpr,
         HAS_RES: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SC: tl.constexpr, HAS_SH: tl.constexpr, IS_RMS: tl.constexpr, STORE_R: tl.constexpr,
         LEAD: tl.constexpr, BLOCK: tl.constexpr):
     """r = res + x * g (rounded to R's dtype); n = LayerNorm/RMSNorm(r) [* w] [+ bias];
     out = n * (k + scale) + shift."""
+    eps = tl.cast(eps, tl.float32)
+    k = tl.cast(k, tl.float32)
     row, i0, i1, i2 = _row(N1, N2, LEAD)
     cols = tl.arange(0, BLOCK)
     m = cols < D
@@ -201,11 +207,11 @@ def _norm_launch(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, 
     bi = bias.reshape(-1) if bias is not None else None
     sizes, (sx, sr, sg, ss, sh), lead = index_plan(shape, [x, residual, gate, scale, shift])
     launch(norm_scale_shift_kernel, (rows(shape),),
-           x, residual, gate, w, bi, scale, shift, out, r, *sizes, *sx, *sr, *sg, *ss, *sh, d, eps, k,
+           x, residual, gate, w, bi, scale, shift, out, r, *sizes, *sx, *sr, *sg, *ss, *sh, eps, k, D=d,
            HAS_RES=residual is not None, HAS_G=gate is not None, HAS_W=w is not None,
            HAS_BIAS=bi is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
            IS_RMS=is_rms, STORE_R=r is not None, LEAD=lead, BLOCK=bl,
-           num_warps=warps(bl, "norm_scale_shift"))
+           num_warps=warps(bl, "norm_scale_shift" if r is not None else "norm_modulate"))
 
 
 @triton_op("difffuse::triton_norm_scale_shift", mutates_args=())
@@ -253,90 +259,148 @@ def _pairs(P, h, HD: tl.constexpr, BHALF: tl.constexpr, sh, sd, m, INTERLEAVED: 
 
 
 @triton.jit
+def _qk_chunk(xa, xb, r, eps, hh, m, W, ba, bb, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd, yp, Y_TY: tl.constexpr,
+              ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+              IS_RMS: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr, BHALF: tl.constexpr, FLAT: tl.constexpr,
+              SHARED_TABLE: tl.constexpr):
+    """Heads `hh` of one token, pair halves (xa, xb) loaded: normalise (by `r` across heads,
+    else per head), affine, rope, store."""
+    if not IS_RMS:  # centre; pairs past HD/2 (non-FLAT padding) stay 0
+        mu = (tl.sum(xa + xb, 1) / HD)[:, None]
+        pv = tl.arange(0, BHALF)[None, :] < HD // 2
+        xa = tl.where(pv, xa - mu, 0.0)
+        xb = tl.where(pv, xb - mu, 0.0)
+    if not ACROSS:
+        r = tl.rsqrt(tl.sum(xa * xa + xb * xb, 1) / HD + eps)[:, None]
+    na = xa * r
+    nb = xb * r
+    if HAS_W:
+        if ACROSS:  # one weight row per head
+            wa, wb = _pairs(W, hh, HD, BHALF, HD, 1, m, INTERLEAVED, FLAT)
+        else:  # one weight row shared by the heads
+            one = tl.arange(0, 1)[:, None]
+            wa, wb = _pairs(W, one, HD, BHALF, 0, 1, one < 1, INTERLEAVED, FLAT)
+        na = na * wa
+        nb = nb * wb
+    if HAS_B:
+        na = na + ba
+        nb = nb + bb
+    if not SHARED_TABLE:
+        ca, cb = _pairs(crow, hh, HD, BHALF, sch, scd, m, INTERLEAVED, FLAT)
+        sa, sb = _pairs(srow, hh, HD, BHALF, ssh, ssd, m, INTERLEAVED, FLAT)
+    if INTERLEAVED:
+        ya = na * ca - nb * sb
+        yb = na * sb + nb * ca
+    else:
+        ya = na * ca - nb * sa
+        yb = nb * cb + na * sb
+    y = tl.join(ya, yb)  # [heads, pairs, 2]
+    if FLAT:
+        if INTERLEAVED:
+            y = tl.reshape(y, [HC, HD])
+        else:
+            y = tl.reshape(tl.permute(y, (0, 2, 1)), [HC, HD])
+        tl.store(yp + tl.arange(0, HD)[None, :], y.to(Y_TY), mask=m)
+    else:
+        i = tl.arange(0, BHALF)[None, :, None]
+        j = tl.arange(0, 2)[None, None, :]
+        d = 2 * i + j if INTERLEAVED else j * (HD // 2) + i
+        tl.store(yp[:, :, None] + d, y.to(Y_TY), mask=m[:, :, None] & (i < HD // 2) & (j < 2))
+
+
+@triton.jit
 def qk_norm_rope_kernel(
         X, W, B, COS, SIN, Y, N1, N2, H,
         sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, eps,
         ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
         IS_RMS: tl.constexpr, LEAD: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr, BHALF: tl.constexpr,
-        FLAT: tl.constexpr, SHARED_TABLE: tl.constexpr):
-    """One token, HC heads at a time: n = rms_norm(x) over all heads (ACROSS: a first pass
-    sums the squares, the second re-reads x from cache) or per head, [* w]; or, per head
-    only (not IS_RMS), n = layer_norm(x) = (x - mean) * rsqrt(var + eps) [* w] [+ b];
-    y = rope(n) on pairs (a, b) = (2i, 2i+1) (interleaved) or (i, i + HD/2) (neox):
+        FLAT: tl.constexpr, SHARED_TABLE: tl.constexpr, ONE_CHUNK: tl.constexpr, TOKENS: tl.constexpr):
+    """One token, HC heads at a time: n = rms_norm(x) over all heads (ACROSS) or per head,
+    [* w]; or, per head only (not IS_RMS), n = layer_norm(x) = (x - mean) * rsqrt(var + eps)
+    [* w] [+ b]; y = rope(n) on pairs (a, b) = (2i, 2i+1) (interleaved) or (i, i + HD/2) (neox):
     interleaved: ya = na*cos[a] - nb*sin[b], yb = na*sin[b] + nb*cos[a];
     neox:        ya = na*cos[a] - nb*sin[a], yb = nb*cos[b] + na*sin[b].
-    SHARED_TABLE: cos/sin are the same for every head, read once per token."""
-    row, i0, i1, i2 = _row(N1, N2, LEAD)
+    ACROSS over several chunks: a first pass sums the squares, the second re-reads x from
+    cache; ONE_CHUNK (HC >= H): x is read once and kept in registers.
+    SHARED_TABLE: cos/sin are the same for every head, read once per token.
+    TOKENS > 1 (one head per row, H == 1): the program takes TOKENS consecutive rows of the
+    innermost leading dim as its heads (the launcher passes that dim's strides as the head
+    strides), so a narrow head is not one tiny row per program."""
+    eps = tl.cast(eps, tl.float32)
+    if TOKENS > 1:
+        groups = tl.cdiv(N2, TOKENS)
+        g = tl.program_id(0).to(tl.int64)
+        t = g // groups
+        i2 = (g % groups) * TOKENS
+        i0 = t // N1
+        i1 = t % N1
+        row = t * N2 + i2
+        hlim = tl.minimum(N2 - i2, TOKENS)
+    else:
+        row, i0, i1, i2 = _row(N1, N2, LEAD)
+        hlim = H
     h = tl.arange(0, HC)[:, None]
     one = tl.arange(0, 1)[:, None]  # a single row, broadcast over the heads
     xrow = _at(X, i0, i1, i2, sx0, sx1, sx2)
     crow = _at(COS, i0, i1, i2, sc0, sc1, sc2)
     srow = _at(SIN, i0, i1, i2, ss0, ss1, ss2)
-    if ACROSS:
-        acc = tl.zeros([HC, BHALF], dtype=tl.float32)
-        for c in range(0, H, HC):
-            xa, xb = _pairs(xrow, c + h, HD, BHALF, sxh, sxd, c + h < H, INTERLEAVED, FLAT)
-            acc += xa * xa + xb * xb
-        r_all = tl.rsqrt(tl.sum(tl.sum(acc, 1), 0) / (H * HD) + eps)
+    yrow = Y + row * H * HD
+    ca, cb, sa, sb, ba, bb = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # set below where used
     if SHARED_TABLE:
         ca, cb = _pairs(crow, one, HD, BHALF, 0, scd, one < 1, INTERLEAVED, FLAT)
         sa, sb = _pairs(srow, one, HD, BHALF, 0, ssd, one < 1, INTERLEAVED, FLAT)
-    if HAS_W and not ACROSS:  # per head: one weight row shared by the heads
-        wa, wb = _pairs(W, one, HD, BHALF, 0, 1, one < 1, INTERLEAVED, FLAT)
     if HAS_B:
         ba, bb = _pairs(B, one, HD, BHALF, 0, 1, one < 1, INTERLEAVED, FLAT)
     tl.static_assert(IS_RMS or not ACROSS, "LayerNorm is per head only")
-    for c in range(0, H, HC):
-        hh = c + h
-        m = hh < H
-        xa, xb = _pairs(xrow, hh, HD, BHALF, sxh, sxd, m, INTERLEAVED, FLAT)
-        if not IS_RMS:  # centre; pairs past HD/2 (non-FLAT padding) stay 0
-            mu = (tl.sum(xa + xb, 1) / HD)[:, None]
-            pv = tl.arange(0, BHALF)[None, :] < HD // 2
-            xa = tl.where(pv, xa - mu, 0.0)
-            xb = tl.where(pv, xb - mu, 0.0)
+    if ONE_CHUNK:
+        m = h < hlim
+        xa, xb = _pairs(xrow, h, HD, BHALF, sxh, sxd, m, INTERLEAVED, FLAT)
+        r = 1.0
         if ACROSS:
-            r = r_all
-        else:
-            r = tl.rsqrt(tl.sum(xa * xa + xb * xb, 1) / HD + eps)[:, None]
-        na = xa * r
-        nb = xb * r
-        if HAS_W:
-            if ACROSS:  # one weight row per head
-                wa, wb = _pairs(W, hh, HD, BHALF, HD, 1, m, INTERLEAVED, FLAT)
-            na = na * wa
-            nb = nb * wb
-        if HAS_B:
-            na = na + ba
-            nb = nb + bb
-        if not SHARED_TABLE:
-            ca, cb = _pairs(crow, hh, HD, BHALF, sch, scd, m, INTERLEAVED, FLAT)
-            sa, sb = _pairs(srow, hh, HD, BHALF, ssh, ssd, m, INTERLEAVED, FLAT)
-        if INTERLEAVED:
-            ya = na * ca - nb * sb
-            yb = na * sb + nb * ca
-        else:
-            ya = na * ca - nb * sa
-            yb = nb * cb + na * sb
-        y = tl.join(ya, yb)  # [heads, pairs, 2]
-        yp = Y + row * H * HD + hh * HD
-        if FLAT:
-            if INTERLEAVED:
-                y = tl.reshape(y, [HC, HD])
-            else:
-                y = tl.reshape(tl.permute(y, (0, 2, 1)), [HC, HD])
-            tl.store(yp + tl.arange(0, HD)[None, :], y.to(Y.dtype.element_ty), mask=m)
-        else:
-            i = tl.arange(0, BHALF)[None, :, None]
-            j = tl.arange(0, 2)[None, None, :]
-            d = 2 * i + j if INTERLEAVED else j * (HD // 2) + i
-            tl.store(yp[:, :, None] + d, y.to(Y.dtype.element_ty), mask=m[:, :, None] & (i < HD // 2) & (j < 2))
+            r = tl.rsqrt(tl.sum(tl.sum(xa * xa + xb * xb, 1), 0) / (H * HD) + eps)
+        _qk_chunk(xa, xb, r, eps, h, m, W, ba, bb, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd, yrow + h * HD,
+                  Y.dtype.element_ty, ACROSS, INTERLEAVED, HAS_W, HAS_B, IS_RMS, HD, HC, BHALF, FLAT, SHARED_TABLE)
+    else:
+        r = 1.0
+        if ACROSS:
+            acc = tl.zeros([HC, BHALF], dtype=tl.float32)
+            for c in range(0, H, HC):
+                xa, xb = _pairs(xrow, c + h, HD, BHALF, sxh, sxd, c + h < H, INTERLEAVED, FLAT)
+                acc += xa * xa + xb * xb
+            r = tl.rsqrt(tl.sum(tl.sum(acc, 1), 0) / (H * HD) + eps)
+        for c in range(0, H, HC):
+            hh = c + h
+            m = hh < H
+            xa, xb = _pairs(xrow, hh, HD, BHALF, sxh, sxd, m, INTERLEAVED, FLAT)
+            _qk_chunk(xa, xb, r, eps, hh, m, W, ba, bb, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd, yrow + hh * HD,
+                      Y.dtype.element_ty, ACROSS, INTERLEAVED, HAS_W, HAS_B, IS_RMS, HD, HC, BHALF, FLAT,
+                      SHARED_TABLE)
+
+
+# num_heads -> (heads per program chunk, num_warps) for the qk kernel, measured on an H200
+# (benchmarks/tune_triton.py, 2026-12-03; 12 heads: 63 µs against 74 with the rule's (4, 4));
+# other head counts use the rule in `heads_per_chunk` and `warps`.
+QK_HEADS: dict[int, tuple[int, int]] = {12: (4, 2), 24: (16, 2)}
 
 
 def heads_per_chunk(num_heads: int) -> int:
-    """Heads processed together: the largest of 8, 4, 2 that divides the head count (no
-    masked-off rows), else a power of two covering up to 8 heads."""
+    """Heads processed together: QK_HEADS, else the largest of 8, 4, 2 that divides the
+    head count (no masked-off rows), else a power of two covering up to 8 heads."""
+    if num_heads in QK_HEADS:
+        return QK_HEADS[num_heads][0]
     return next((c for c in (8, 4, 2) if num_heads % c == 0), min(8, block(num_heads)))
+
+
+# elements of one program's tile when rows of a single narrow head are grouped
+QK_GROUP_ELEMS = 2048
+
+
+def tokens_per_program(num_heads: int, across_heads: bool, head_dim: int) -> int:
+    """Rows (tokens) per program for a q/k with one head per row: as many as fit
+    QK_GROUP_ELEMS (at most 16); 1 when there are several heads per row."""
+    if num_heads != 1 or across_heads:
+        return 1
+    return max(1, min(16, QK_GROUP_ELEMS // block(head_dim)))
 
 
 @triton_op("difffuse::triton_qk_norm_rope", mutates_args=())
@@ -352,9 +416,15 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
     hc, bhalf = heads_per_chunk(num_heads), block(hd // 2)
     sizes, (sx, sc, ss), lead = index_plan(shape, [xv, cos, sin], inner=2)
     shared = statically_known_true(sc[3] == 0) and statically_known_true(ss[3] == 0)
-    launch(qk_norm_rope_kernel, (rows(shape, 2),), xv, w, b, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss, eps,
+    tokens, grid = tokens_per_program(num_heads, across_heads, hd), rows(shape, 2)
+    if tokens > 1:  # rows of the innermost leading dim become the program's heads
+        hc, shared = tokens, False
+        sx[3], sc[3], ss[3] = sx[2], sc[2], ss[2]
+        grid = grid // sizes[1] * ((sizes[1] + tokens - 1) // tokens)
+    launch(qk_norm_rope_kernel, (grid,), xv, w, b, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss, eps,
            ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, HAS_B=b is not None,
            IS_RMS=is_rms, LEAD=lead, HD=hd, HC=hc,
-           BHALF=bhalf, FLAT=hd == 2 * bhalf, SHARED_TABLE=shared,
-           num_warps=warps(hc * bhalf * 2, "qk_norm_rope"))
+           BHALF=bhalf, FLAT=hd == 2 * bhalf, SHARED_TABLE=shared, ONE_CHUNK=hc >= num_heads, TOKENS=tokens,
+           num_warps=QK_HEADS[num_heads][1] if num_heads in QK_HEADS and tokens == 1
+           else warps(hc * bhalf * 2, "qk_norm_rope"))
     return y
