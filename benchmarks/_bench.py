@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
+import time
 
 import torch
 
@@ -17,9 +18,17 @@ def header() -> str:
 
 
 def bench_ms(fn, rep: int = 100) -> float:
-    """Median time of fn in ms (L2 flushed between calls by triton's do_bench)."""
+    """Median time of fn in ms (L2 flushed between calls by triton's do_bench), after
+    0.3 s of running fn: the SM clock drops while the GPU idles (a compile, the host)
+    and do_bench's own 25 ms warm-up is too short for it to come back (on an H200 the
+    same kernel measured 66 and 114 µs, first after a compile, then again)."""
     from triton.testing import do_bench
 
+    end = time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
     return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 

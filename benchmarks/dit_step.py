@@ -18,7 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _bench  # noqa: E402
-from wan_step import kernel_totals, rel_err, step_ms  # noqa: E402
+from wan_step import profile_into, rel_err, step_ms  # noqa: E402
 
 import difffuse  # noqa: E402
 
@@ -171,10 +171,9 @@ def main():
                 res[mode]["times"].append(step_ms(model, kwargs, a.steps))
                 res[mode].setdefault("clocks", []).append(_bench.clocks())
             print(f"round {r}: " + ", ".join(f"{m} {res[m]['times'][-1]:.1f} ms" for m in modes), flush=True)
-        for mode, lists in modes.items():
-            use(model, lists)
-            res[mode]["top"] = []
-            res[mode]["attn"], res[mode]["other"] = kernel_totals(model, kwargs, res[mode]["top"])
+            for mode, lists in modes.items():
+                use(model, lists)
+                profile_into(res[mode], model, kwargs)
     ref, base = res["eager"]["out"], statistics.median(res["inductor"]["times"])
     rows = []
     for mode in modes:

@@ -3,7 +3,9 @@
 Each subgraph is written as the model writes it (diffusers' Wan blocks), compiled with
 plain Inductor and with difffuse, checked against eager, and timed (median, L2 flushed),
 modes alternated over several rounds. GB/s counts each input and output once; the floor
-is those bytes at the measured copy bandwidth.
+is those bytes at the measured copy bandwidth. A second column sums the GPU kernels'
+durations per call from the profiler (back-to-back calls, no flush): the part of a
+timed call that is kernel work, not host launch overhead.
 
     python benchmarks/kernels.py [--rounds 3] [--only NAME]
 """
@@ -148,6 +150,22 @@ def close(a, b) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
 
 
+def gpu_us(fn, calls: int = 20) -> float:
+    """Sum of the GPU kernels' durations per call (profiler), without launch gaps: what
+    the kernels cost when the host keeps ahead, as in a model step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    gpu_us.last = ", ".join(f"{e.key[:40]} x{e.count // calls}" for e in evs)
+    return sum(e.device_time_total for e in evs) / calls
+
+
 def run_case(name, rounds, bw):
     module, args = CASES[name]()
     module = module.cuda()
@@ -162,18 +180,25 @@ def run_case(name, rounds, bw):
         matches = difffuse.report().matches()
         modes = {"eager": lambda: module(*args), "inductor": lambda: ind(*args), "difffuse": lambda: dff(*args)}
         times = {m: [] for m in modes}
+        kern = {m: [] for m in modes}
         for _ in range(rounds):
             for m, fn in modes.items():
                 times[m].append(_bench.bench_ms(fn) * 1e3)
+                kern[m].append(gpu_us(fn))
+                if m == "difffuse":
+                    dff_kernels = gpu_us.last
     med = {m: statistics.median(t) for m, t in times.items()}
+    kmed = {m: statistics.median(t) for m, t in kern.items()}
     moved = nbytes(*args) + nbytes(ref)
     floor = moved / bw * 1e6
     return {
         "subgraph": name, "eager µs": f"{med['eager']:.1f}", "inductor µs": f"{med['inductor']:.1f}",
         "difffuse µs": f"{med['difffuse']:.1f}", "floor µs": f"{floor:.1f}",
+        "GPU kernels µs (inductor / difffuse)": f"{kmed['inductor']:.1f} / {kmed['difffuse']:.1f}",
         "difffuse % of copy bw": f"{100 * floor / med['difffuse']:.0f}",
         "vs inductor": f"{med['inductor'] / med['difffuse']:.2f}x",
         "max|diff| inductor / difffuse": f"{close(ind_out, ref):.3g} / {close(dff_out, ref):.3g}",
+        "difffuse kernels": dff_kernels,
         "difffuse matches": ", ".join(f"{k}={v}" for k, v in matches.items()) or "none",
     }
 

@@ -1,5 +1,6 @@
-"""Sweep num_warps for each difffuse Triton kernel at Wan shapes (bf16) and print the
-fastest, in the form of `triton_kernels.WARPS`. Kernels are launched directly (no HOP
+"""Sweep num_warps for each difffuse Triton kernel at Wan shapes (bf16), and for the qk
+kernel also the heads per chunk (`triton_kernels.QK_HEADS`), and print the fastest, in
+the form of `triton_kernels.WARPS`. Kernels are launched directly (no HOP
 dispatch), timed with L2 flushed.
 
     python benchmarks/tune_triton.py
@@ -43,12 +44,12 @@ CASES = [  # (kernel key, label, fn, args)
               1e-6, 1.0, False, BF16, BF16)),
     ("scale_shift", "gated residual D=1536", cuda.IMPLS["scale_shift"],
      lambda: (r(1, L, 1536), r(1, 1, 1536, dtype=F32), r(1, L, 1536), 0.0, BF16)),
-    ("norm_scale_shift", "LN mod D=1536", tk.norm_modulate,
+    ("norm_modulate", "LN mod D=1536", tk.norm_modulate,
      lambda: (r(1, L, 1536), None, None, r(1, 1, 1536, dtype=F32), r(1, 1, 1536, dtype=F32), 1e-6, 1.0, False, BF16)),
     ("norm_scale_shift", "res+gate affine LN D=1536", cuda.IMPLS["norm_scale_shift"],
      lambda: (r(1, L, 1536), r(1, L, 1536), r(1, 1, 1536, dtype=F32), r(1536, dtype=F32), r(1536, dtype=F32),
               None, None, 1e-6, 1.0, False, BF16, BF16)),
-    ("norm_scale_shift", "LN mod D=5120", tk.norm_modulate,
+    ("norm_modulate", "LN mod D=5120", tk.norm_modulate,
      lambda: (r(1, L, 5120), None, None, r(1, 1, 5120, dtype=F32), r(1, 1, 5120, dtype=F32), 1e-6, 1.0, False, BF16)),
     ("qk_norm_rope", "12x128", cuda.IMPLS["qk_norm_rope"],
      lambda: (r(1, L, 1536), r(1536), *tables(), 1e-6, 12, True, True, BF16)),
@@ -59,6 +60,7 @@ CASES = [  # (kernel key, label, fn, args)
 ]
 BLOCKS = {"rms_norm": lambda a: tk.block(a[0].shape[-1]), "scale_shift": lambda a: tk.block(a[0].shape[-1]),
           "norm_scale_shift": lambda a: tk.block(a[0].shape[-1]),
+          "norm_modulate": lambda a: tk.block(a[0].shape[-1]),
           "qk_norm_rope": lambda a: tk.heads_per_chunk(a[5]) * tk.block(a[0].shape[-1] // a[5] // 2) * 2}
 
 
@@ -79,27 +81,37 @@ def main():
             if only not in key:
                 continue
             args = make()
-            blk = BLOCKS[key](args)
-            row = {"kernel": f"{key} {label}", "block": blk}
-            times, saved = {}, tk.WARPS.get(key)
-            for w in (1, 2, 4, 8, 16, 32):
-                tk.WARPS[key] = {blk: w}
-                try:
-                    times[w] = _bench.bench_ms(lambda: fn(*args)) * 1e3
-                    row[f"w{w} µs"] = f"{times[w]:.1f}"
-                except Exception as exc:  # noqa: BLE001  (a config Triton cannot build)
-                    row[f"w{w} µs"] = type(exc).__name__
-            tk.WARPS[key] = saved or {}
-            w = min(times, key=times.get)
-            floor = nbytes(args, fn(*args)) / bw * 1e6
-            row.update({"best": w, "floor µs": f"{floor:.1f}", "% of copy bw": f"{100 * floor / times[w]:.0f}"})
-            best.setdefault(key, {})[blk] = w
-            rows.append(row)
-            print(row, flush=True)
+            heads = args[5] if key == "qk_norm_rope" else None
+            saved_qk = dict(tk.QK_HEADS)
+            # qk: every head chunk from 2 to one chunk covering all heads (tk.QK_HEADS)
+            for hc in ([2, 4, 8, 16, 32, 64][: tk.block(heads).bit_length() - 1] if heads else [None]):
+                if hc:
+                    tk.QK_HEADS[heads] = (hc, 0)
+                blk = BLOCKS[key](args)
+                row = {"kernel": f"{key} {label}" + (f" hc={hc}" if hc else ""), "block": blk}
+                times, saved = {}, tk.WARPS.get(key)
+                for w in ((2, 4, 8, 16) if hc else (1, 2, 4, 8, 16, 32)):
+                    tk.WARPS[key] = {blk: w}
+                    if hc:
+                        tk.QK_HEADS[heads] = (hc, w)
+                    try:
+                        times[w] = _bench.bench_ms(lambda: fn(*args)) * 1e3
+                        row[f"w{w} µs"] = f"{times[w]:.1f}"
+                    except Exception as exc:  # noqa: BLE001  (a config Triton cannot build)
+                        row[f"w{w} µs"] = type(exc).__name__
+                tk.WARPS[key] = saved or {}
+                w = min(times, key=times.get)
+                floor = nbytes(args, fn(*args)) / bw * 1e6
+                row.update({"best": w, "floor µs": f"{floor:.1f}", "% of copy bw": f"{100 * floor / times[w]:.0f}"})
+                best.setdefault(key, {})[blk] = w
+                rows.append(row)
+                print(row, flush=True)
+            tk.QK_HEADS.clear()
+            tk.QK_HEADS.update(saved_qk)
     print()
     print(_bench.table(rows, list(rows[0])))
     print(f"\nWARPS = {best}")
-    if len(sys.argv) > 1:  # a file to write the table to (json), for benchmarks/kernels.py --warps
+    if len(sys.argv) > 1 and sys.argv[1]:  # a file to write the table to (json), for benchmarks/kernels.py --warps
         import json
 
         Path(sys.argv[1]).write_text(json.dumps(best))
