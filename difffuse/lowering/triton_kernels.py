@@ -130,7 +130,8 @@ def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.d
 # ------------------------------------------------------------------ scale_shift
 @triton.jit
 def scale_shift_kernel(A, B, C, Y, N1, N2, sa0, sa1, sa2, sad, sb0, sb1, sb2, sbd,
-                       sc0, sc1, sc2, scd, k, D: tl.constexpr, HAS_C: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
+                       sc0, sc1, sc2, scd, k, D: tl.constexpr, HAS_C: tl.constexpr, LEAD: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """y = c + a * (k + b)."""
     k = tl.cast(k, tl.float32)
     row, i0, i1, i2 = _row(N1, N2, LEAD)
