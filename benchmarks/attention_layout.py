@@ -24,8 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 import _bench  # noqa: E402
 import wan_step  # noqa: E402
-
-ATTN_WORDS = ("cudnn", "flash", "fmha", "attention", "sdpa")
+from wan_step import ATTN_WORDS  # noqa: E402
 
 
 def trace_step(model, kwargs) -> list[dict]:

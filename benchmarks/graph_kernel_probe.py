@@ -33,11 +33,11 @@ def main():
         m = nn.RMSNorm(d, eps=1e-6, dtype=BF16, device="cuda")
         with torch.no_grad():
             with set_wrap_triton_enabled(False):
-                direct = gpu_us(lambda: cuda.IMPLS["rms_norm"](x, m.weight, 1e-6, BF16))  # noqa: B023
+                direct, _ = gpu_us(lambda: cuda.IMPLS["rms_norm"](x, m.weight, 1e-6, BF16))  # noqa: B023
             comp = torch.compile(m, backend="difffuse")
             _, codes = run_and_get_code(comp, x)
-            graph = gpu_us(lambda: comp(x))  # noqa: B023
-            direct2 = gpu_us(lambda: cuda.IMPLS["rms_norm"](x, m.weight, 1e-6, BF16))  # noqa: B023
+            graph, _ = gpu_us(lambda: comp(x))  # noqa: B023
+            direct2, _ = gpu_us(lambda: cuda.IMPLS["rms_norm"](x, m.weight, 1e-6, BF16))  # noqa: B023
         print(f"\nrms_norm D={d}: direct launch {direct:.1f} µs ({direct2:.1f} µs wrapped), in graph {graph:.1f} µs")
         for code in codes:
             for line in code.splitlines():

@@ -150,9 +150,10 @@ def close(a, b) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
 
 
-def gpu_us(fn, calls: int = 20) -> float:
-    """Sum of the GPU kernels' durations per call (profiler), without launch gaps: what
-    the kernels cost when the host keeps ahead, as in a model step."""
+def gpu_us(fn, calls: int = 20) -> tuple[float, str]:
+    """(sum of the GPU kernels' durations per call, the kernels with their counts per
+    call), from the profiler without launch gaps: what the kernels cost when the host
+    keeps ahead, as in a model step."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -162,8 +163,8 @@ def gpu_us(fn, calls: int = 20) -> float:
             fn()
         torch.cuda.synchronize()
     evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    gpu_us.last = ", ".join(f"{e.key[:40]} x{e.count // calls}" for e in evs)
-    return sum(e.device_time_total for e in evs) / calls
+    names = ", ".join(f"{e.key[:40]} x{e.count // calls}" for e in evs)
+    return sum(e.device_time_total for e in evs) / calls, names
 
 
 def run_case(name, rounds, bw):
@@ -180,13 +181,12 @@ def run_case(name, rounds, bw):
         matches = difffuse.report().matches()
         modes = {"eager": lambda: module(*args), "inductor": lambda: ind(*args), "difffuse": lambda: dff(*args)}
         times = {m: [] for m in modes}
-        kern = {m: [] for m in modes}
+        kern, names = {m: [] for m in modes}, {}
         for _ in range(rounds):
             for m, fn in modes.items():
                 times[m].append(_bench.bench_ms(fn) * 1e3)
-                kern[m].append(gpu_us(fn))
-                if m == "difffuse":
-                    dff_kernels = gpu_us.last
+                us, names[m] = gpu_us(fn)
+                kern[m].append(us)
     med = {m: statistics.median(t) for m, t in times.items()}
     kmed = {m: statistics.median(t) for m, t in kern.items()}
     moved = nbytes(*args) + nbytes(ref)
@@ -198,7 +198,7 @@ def run_case(name, rounds, bw):
         "difffuse % of copy bw": f"{100 * floor / med['difffuse']:.0f}",
         "vs inductor": f"{med['inductor'] / med['difffuse']:.2f}x",
         "max|diff| inductor / difffuse": f"{close(ind_out, ref):.3g} / {close(dff_out, ref):.3g}",
-        "difffuse kernels": dff_kernels,
+        "difffuse kernels": names["difffuse"],
         "difffuse matches": ", ".join(f"{k}={v}" for k, v in matches.items()) or "none",
     }
 

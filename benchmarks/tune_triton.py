@@ -1,6 +1,6 @@
 """Sweep num_warps for each difffuse Triton kernel at Wan shapes (bf16), and for the qk
-kernel also the heads per chunk (`triton_kernels.QK_HEADS`), and print the fastest, in
-the form of `triton_kernels.WARPS`. Kernels are launched directly (no HOP
+kernel also the heads per chunk, and print the fastest in the form of
+`triton_kernels.WARPS` and `triton_kernels.QK_HEADS`. Kernels are launched directly (no HOP
 dispatch), timed with L2 flushed.
 
     python benchmarks/tune_triton.py
@@ -73,7 +73,8 @@ def main():
     bw = _bench.copy_bandwidth()
     print(_bench.header())
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    best: dict = {}
+    best: dict = {}  # WARPS: kernel -> {block: warps}
+    best_qk: dict = {}  # QK_HEADS: heads -> (µs, heads per chunk, warps)
     rows = []
     with torch.no_grad(), set_wrap_triton_enabled(False):
         only = sys.argv[2] if len(sys.argv) > 2 else ""
@@ -91,9 +92,10 @@ def main():
                 row = {"kernel": f"{key} {label}" + (f" hc={hc}" if hc else ""), "block": blk}
                 times, saved = {}, tk.WARPS.get(key)
                 for w in ((2, 4, 8, 16) if hc else (1, 2, 4, 8, 16, 32)):
-                    tk.WARPS[key] = {blk: w}
-                    if hc:
+                    if hc:  # the qk kernel takes its warps from QK_HEADS
                         tk.QK_HEADS[heads] = (hc, w)
+                    else:
+                        tk.WARPS[key] = {blk: w}
                     try:
                         times[w] = _bench.bench_ms(lambda: fn(*args)) * 1e3
                         row[f"w{w} µs"] = f"{times[w]:.1f}"
@@ -103,7 +105,10 @@ def main():
                 w = min(times, key=times.get)
                 floor = nbytes(args, fn(*args)) / bw * 1e6
                 row.update({"best": w, "floor µs": f"{floor:.1f}", "% of copy bw": f"{100 * floor / times[w]:.0f}"})
-                best.setdefault(key, {})[blk] = w
+                if hc:
+                    best_qk[heads] = min(best_qk.get(heads, (times[w], hc, w)), (times[w], hc, w))
+                else:
+                    best.setdefault(key, {})[blk] = w
                 rows.append(row)
                 print(row, flush=True)
             tk.QK_HEADS.clear()
@@ -111,6 +116,7 @@ def main():
     print()
     print(_bench.table(rows, list(rows[0])))
     print(f"\nWARPS = {best}")
+    print(f"QK_HEADS = { {h: (hc, w) for h, (_, hc, w) in best_qk.items()} }")
     if len(sys.argv) > 1 and sys.argv[1]:  # a file to write the table to (json), for benchmarks/kernels.py --warps
         import json
 

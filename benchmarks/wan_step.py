@@ -81,6 +81,10 @@ def step_ms(model, kwargs, steps: int) -> float:
     return statistics.median(times)
 
 
+# substrings that name an attention kernel in a profile
+ATTN_WORDS = ("cudnn", "flash", "fmha", "attention", "sdpa")
+
+
 def kernel_totals(model, kwargs, top: list | None = None) -> tuple[float, float]:
     """(attention ms, other non-GEMM kernels ms) in one step, from the profiler; `top`
     receives the non-GEMM, non-attention kernels as (ms, name), largest first."""
@@ -94,7 +98,7 @@ def kernel_totals(model, kwargs, top: list | None = None) -> tuple[float, float]
         if e.device_type.name != "CUDA":
             continue
         n, t = e.key.lower(), e.device_time_total / 1e3
-        if any(s in n for s in ("cudnn", "flash", "fmha", "attention", "sdpa")):
+        if any(s in n for s in ATTN_WORDS):
             attn += t
         elif not any(s in n for s in ("gemm", "cutlass", "sm90", "nvjet", "cublas", "memcpy", "memset")):
             other += t
