@@ -4,7 +4,7 @@ transformers (RMSNorm, AdaLN scale/shift, q/k norm + rope, residual + norm + mod
     torch.compile(model, backend="difffuse")   # found by name; no import needed
     difffuse.report()                           # what the compilations fused and missed
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 
 def report():

@@ -5,8 +5,8 @@ import dataclasses
 import os
 from typing import Any, Mapping, Optional
 
-FAMILIES = ("qk_norm_rope", "norm_scale_shift", "rms_norm", "scale_shift")
-OPTIONAL_PATTERNS = ("linear_gelu",)
+from ..families import NAMES as PATTERN_NAMES
+
 LOWERING_NAMES = ("auto", "reference", "cuda", "rocm", "npu", "musa", "inductor")
 DIFFFUSE_KEYS = ("lowering", "patterns", "inductor")
 
@@ -14,7 +14,7 @@ DIFFFUSE_KEYS = ("lowering", "patterns", "inductor")
 @dataclasses.dataclass(frozen=True)
 class FusionConfig:
     lowering: str = "auto"
-    patterns: tuple[str, ...] = FAMILIES + OPTIONAL_PATTERNS
+    patterns: tuple[str, ...] = PATTERN_NAMES
     inductor: bool = True
     inductor_options: tuple[tuple[str, Any], ...] = ()
     disabled: bool = False
@@ -35,7 +35,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
 
     options = dict(options or {})
     lowering = options.pop("lowering", "auto")
-    patterns = options.pop("patterns", FAMILIES + OPTIONAL_PATTERNS)
+    patterns = options.pop("patterns", PATTERN_NAMES)
     run_inductor = options.pop("inductor", True)
     valid_inductor = set(inductor_config.get_config_copy().keys())
     unknown = sorted(k for k in options if k not in valid_inductor)
@@ -51,7 +51,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
         raise ValueError(f"difffuse: unknown lowering {lowering!r}; valid: {list(LOWERING_NAMES)}")
     if isinstance(patterns, str):
         patterns = (patterns,)
-    valid_patterns = FAMILIES + OPTIONAL_PATTERNS
+    valid_patterns = PATTERN_NAMES
     bad = [p for p in patterns if p not in valid_patterns]
     if bad:
         raise ValueError(f"difffuse: unknown pattern(s) {bad}; valid: {list(valid_patterns)}")

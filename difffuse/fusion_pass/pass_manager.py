@@ -17,7 +17,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
 
-from .. import __version__
+from .._version import __version__
 from ..lowering import load_lowering
 from ..patterns import available_families
 from ..patterns.common import PassContext, module_path, source_of

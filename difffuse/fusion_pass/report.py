@@ -108,10 +108,9 @@ class Report:
         return dict(total)
 
     def __str__(self) -> str:
-        from .config import FAMILIES
+        from ..families import NAMES
 
-        fams = [f for f in FAMILIES + ("linear_gelu",) if any(f in g.matches for g in self.graphs)
-                ] or list(FAMILIES)
+        fams = [f for f in NAMES if any(f in g.matches for g in self.graphs)] or list(NAMES[:4])
         head = ["graph", "lowering"] + fams + ["misses"]
         rows = []
         for g in self.graphs:

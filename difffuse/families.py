@@ -1,0 +1,29 @@
+"""The one table of rewrite families: name, the module that defines it, the order the pass
+applies them in, and whether it is on by default. Config (valid `patterns`), the pass
+manager (which module to load, in which order) and the report (column order) read it."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyEntry:
+    name: str
+    module: str  # holds FAMILY, a patterns.common.Family
+    summary: str
+
+
+# in the order the pass applies them: larger patterns first, so a fused norm+rope is not
+# split by the plain norm pattern
+TABLE: tuple[FamilyEntry, ...] = (
+    FamilyEntry("qk_norm_rope", "difffuse.patterns.qk_norm_rope", "q/k RMSNorm or LayerNorm + rotary embedding"),
+    FamilyEntry("norm_scale_shift", "difffuse.patterns.norm_scale_shift",
+                "residual (+ gate) -> LayerNorm/RMSNorm -> AdaLN modulation"),
+    # rms_norm's table plus the tensor-parallel variants
+    FamilyEntry("rms_norm", "difffuse.patterns.rms_norm_tp", "RMSNorm (and its tensor-parallel form)"),
+    FamilyEntry("scale_shift", "difffuse.patterns.scale_shift", "AdaLN `x*(k+scale)+shift`, gated residual"),
+    FamilyEntry("linear_gelu", "difffuse.patterns.linear_gelu", "Linear + tanh-GELU (cuBLASLt epilogue)"),
+)
+
+NAMES: tuple[str, ...] = tuple(f.name for f in TABLE)
+BY_NAME = {f.name: f for f in TABLE}
