@@ -143,19 +143,26 @@ def _(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, residual_dt
 
 
 # ---------------------------------------------------------------- qk_norm_rope
-def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
-    """Rotary embedding on the last dim of x (fp32 math). cos/sin broadcast against x and
-    hold one value per output element (the model's full-width tables):
-    interleaved pairs (2i, 2i+1):  out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1]
-                                   out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i]
-    neox halves: out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)."""
+def rope_ref(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, full_tables: bool = False) -> Tensor:
+    """Rotary embedding on the last dim of x (fp32 math); cos/sin broadcast against x.
+    full_tables (the stack and neox forms): every output element reads its own entry,
+    out = x * cos + rotate(x) * sin, rotate pairs (2i, 2i+1) -> (-x[2i+1], x[2i]) if
+    interleaved, else halves rotate_half(x) = cat(-x2, x1). Otherwise (interleaved only:
+    Wan's strided writes, the complex form) a pair reads cos[2i] and sin[2i+1]:
+                                   out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1]
+                                   out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i]"""
     xf, c, s = _f32(x), _f32(cos), _f32(sin)
-    if interleaved:
+    if interleaved and not full_tables:
         x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
         c0, s1 = c[..., 0::2], s[..., 1::2]
         return torch.stack([x1 * c0 - x2 * s1, x1 * s1 + x2 * c0], dim=-1).flatten(-2)
-    x1, x2 = xf.chunk(2, dim=-1)
-    return xf * c + torch.cat([-x2, x1], dim=-1) * s
+    if interleaved:
+        x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+        rot = torch.stack([-x2, x1], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xf.chunk(2, dim=-1)
+        rot = torch.cat([-x2, x1], dim=-1)
+    return xf * c + rot * s
 
 
 def qk_norm_rope_ref(
@@ -170,6 +177,7 @@ def qk_norm_rope_ref(
     out_dtype: torch.dtype,
     bias: Optional[Tensor] = None,
     is_rms: bool = True,
+    full_tables: bool = False,
 ) -> Tensor:
     """y = rope(norm(x) [* weight] [+ bias]), norm RMSNorm (is_rms) or LayerNorm. Across
     heads: x is [..., H*D], normalised over H*D, then viewed [..., H, D]; per head: x is
@@ -178,7 +186,7 @@ def qk_norm_rope_ref(
     n = norm_ref(x, weight, bias, eps, is_rms)
     if across_heads:
         n = n.unflatten(-1, (num_heads, -1))
-    return rope_ref(n, cos, sin, interleaved).to(out_dtype)
+    return rope_ref(n, cos, sin, interleaved, full_tables).to(out_dtype)
 
 
 @torch.library.custom_op(f"{LIB}::qk_norm_rope", mutates_args=())
@@ -194,13 +202,15 @@ def qk_norm_rope(
     out_dtype: torch.dtype,
     bias: Optional[Tensor] = None,
     is_rms: bool = True,
+    full_tables: bool = False,
 ) -> Tensor:
     return qk_norm_rope_ref(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype,
-                            bias, is_rms).contiguous()
+                            bias, is_rms, full_tables).contiguous()
 
 
 @qk_norm_rope.register_fake
-def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype, bias=None, is_rms=True):
+def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype, bias=None, is_rms=True,
+      full_tables=False):
     if across_heads:
         shape = (*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
     else:

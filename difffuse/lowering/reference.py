@@ -4,6 +4,6 @@ from __future__ import annotations
 from .ops import REFERENCE as IMPLS  # noqa: F401
 
 
-def supports(family: str, site: dict) -> None:
-    """The reference ops take every site a pattern accepts."""
+def supports(site) -> None:
+    """The reference ops take every site a pattern accepts (any typed site record)."""
     return None

@@ -4,6 +4,8 @@ match (dims, casts, broadcasts) that the families use."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import operator
 import re
 from typing import Any, Callable, Optional
 
@@ -16,6 +18,11 @@ from torch._inductor.pattern_matcher import (
     PatternMatcherPass,
     register_graph_pattern,
 )
+from torch._inductor.pattern_matcher import _TargetArgsExpr
+
+from ..lowering.sites import SITE_TYPES, TensorSpec, specs
+
+log = logging.getLogger("difffuse")
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -33,6 +40,18 @@ def val(node) -> Any:
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
 
 
+# the dtypes a fused op computes with and returns; a cast to or from anything else (an
+# integer, bool, fp8, complex) changes values in ways no op reproduces
+FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def narrows(src: torch.dtype, dst: torch.dtype) -> bool:
+    """A float-to-float cast that can change values (fewer bits, or fp16 <-> bf16)."""
+    if src == dst:
+        return False
+    return torch.finfo(dst).bits < torch.finfo(src).bits or {src, dst} == {torch.float16, torch.bfloat16}
+
+
 def is_upcast(node: torch.fx.Node) -> bool:
     """A convert node that loses nothing: it widens (or keeps) its input's float type."""
     src, dst = val(node.args[0]), node.args[1]
@@ -40,9 +59,7 @@ def is_upcast(node: torch.fx.Node) -> bool:
         return False
     if src.dtype == dst:
         return True
-    return dst in (torch.float32, torch.float64) and src.dtype in (
-        torch.float16, torch.bfloat16, torch.float32) and (
-        torch.finfo(dst).bits >= torch.finfo(src.dtype).bits)
+    return src.dtype in FLOAT_TYPES and dst in FLOAT_TYPES and not narrows(src.dtype, dst)
 
 
 def reduces_last_dim(dims, ndim: int) -> bool:
@@ -89,6 +106,138 @@ def module_paths(nodes) -> list[str]:
     return sorted({p for p in map(module_path, nodes) if p})
 
 
+# ------------------------------------------------------------------ proofs every match needs
+def unnamed_kwargs_reason(match: Match) -> Optional[str]:
+    """Inductor's matcher ignores node kwargs a pattern does not name (`add(a, b, alpha=2)`
+    matches a pattern for `add(a, b)`; `mean(x, dims, True, dtype=...)` one for the mean).
+    Every matched node's unnamed kwargs must hold their schema defaults."""
+    for pat, node in match.ctx.pattern_to_node.items():
+        if not (isinstance(pat, _TargetArgsExpr) and isinstance(node, torch.fx.Node)) or not node.kwargs:
+            continue
+        schema = getattr(node.target, "_schema", None)
+        defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()} if schema else {}
+        for key, value in node.kwargs.items():
+            if key in pat.kwargs:
+                continue
+            if key not in defaults or not _same_constant(value, defaults[key]):
+                return f"{_op_name(node)} has {key}={value!r}, which the fused op does not compute"
+    return None
+
+
+def _same_constant(a, b) -> bool:
+    try:
+        return type(a) is type(b) and a == b or (is_number(a) and is_number(b) and float(a) == float(b))
+    except Exception:  # noqa: BLE001  (incomparable values are not the default)
+        return False
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def output_nodes(match: Match) -> list:
+    return [n for n in match.output_nodes() if isinstance(n, torch.fx.Node)]
+
+
+def casts_reason(nodes, out_dtypes) -> Optional[str]:
+    """Every cast in a match, checked for what it does to values: to and from float types
+    only; one that narrows must round to a dtype the op rounds to as well (an output's)."""
+    for n in nodes:
+        if n.target != CONVERT:
+            continue
+        src, dst = val(n.args[0]), n.args[1]
+        if not isinstance(src, torch.Tensor) or src.dtype not in FLOAT_TYPES or dst not in FLOAT_TYPES:
+            what = getattr(src, "dtype", src)
+            return f"a cast from {what} to {dst}: the fused op computes in floating point"
+        if narrows(src.dtype, dst) and dst not in out_dtypes:
+            return f"a cast from {src.dtype} to {dst} rounds where the fused op does not ({sorted(map(str, out_dtypes))} out)"
+    return None
+
+
+def match_reason(match: Match) -> Optional[str]:
+    """The proofs shared by every family, made before the family's own check."""
+    outs = [val(n) for n in output_nodes(match)]
+    out_dtypes = {t.dtype for t in outs if isinstance(t, torch.Tensor)}
+    if any(not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_TYPES for t in outs):
+        return "an output is not a floating-point tensor"
+    return unnamed_kwargs_reason(match) or casts_reason(match.nodes, out_dtypes)
+
+
+def _inputs(site: dict) -> list[torch.fx.Node]:
+    """The graph nodes a replacement reads (every fx Node in the site, `calls` included)."""
+    found = []
+    for key, v in site.items():
+        if key in ("norm_nodes", "check_tables"):
+            continue
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, torch.fx.Node):
+                found.append(x)
+            elif isinstance(x, dict):
+                found += _inputs(x)
+    return found
+
+
+def dependency_reason(match: Match, site: dict) -> Optional[str]:
+    """A replacement computes its outputs from its inputs: no input may be computed from
+    the nodes it replaces (`n * (1 + r*0.5) + shift` with r the site's own residual sum)."""
+    covered = set(match.nodes) | set(site.get("norm_nodes", ()))
+    keys = [n._sort_key for n in covered if hasattr(n, "_sort_key")]
+    first = min(keys) if len(keys) == len(covered) and keys else None
+    seen: set = set()
+    for start in _inputs(site):
+        stack = [start]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n in covered:
+                return f"an operand ({start.name}) is computed from the site's own nodes ({n.name})"
+            if first is not None and hasattr(n, "_sort_key") and n._sort_key < first:
+                continue  # earlier than every covered node: cannot depend on one
+            stack.extend(n.all_input_nodes)
+    return None
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
+          aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.expand.default,
+          aten.permute.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor,
+          aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default, operator.getitem}
+
+
+def is_computed(node) -> bool:
+    """The graph computes node's value (walking back through views and splits, it is not a
+    graph input or parameter): a lowering may prefer to let Inductor fuse that computation."""
+    while isinstance(node, torch.fx.Node) and node.target in _VIEWS:
+        node = node.args[0]
+    return isinstance(node, torch.fx.Node) and node.op == "call_function"
+
+
+def spec(x, computed=None) -> Optional[TensorSpec]:
+    """The TensorSpec of a node (or fake tensor) an op call will receive."""
+    return TensorSpec.of(val(x), is_computed(x) if computed is None else computed)
+
+
+def typed_site(family: str, site: dict):
+    """The typed record (lowering/sites.py) of one op call, from a check's site dict."""
+    cls = SITE_TYPES[family]
+    args = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in site:
+            continue
+        v = site[f.name]
+        args[f.name] = spec(v) if isinstance(v, (torch.fx.Node, torch.Tensor)) else v
+    return cls(**args)
+
+
+def zero_size_reason(records) -> Optional[str]:
+    for rec in records:
+        for t in specs(rec):
+            if t.has_zero_dim():
+                return f"zero-size operand {tuple(t.shape)}: left to Inductor"
+    return None
+
+
 @dataclasses.dataclass
 class Variant:
     """One spelling of a family: its pattern and a name the report counts it under."""
@@ -106,8 +255,9 @@ class PassContext:
         self.record = record
         self.rejected: dict[torch.fx.Node, str] = {}
 
-    def supports(self, family: str, site: dict) -> Optional[str]:
-        return self.module.supports(family, site)
+    def supports(self, site) -> Optional[str]:
+        """The lowering's one eligibility predicate, on a typed site record."""
+        return self.module.supports(site)
 
     def impl(self, family: str) -> Callable:
         return self.module.IMPLS[family]
@@ -152,6 +302,11 @@ class Family:
         """The node a rejection is recorded against (one `anchors` would report)."""
         return None
 
+    def typed(self, site: dict) -> list:
+        """The typed records of the op calls a site becomes (one, or one per `calls` entry);
+        `check_tables` holds operands the replacement builds (judged as the op will get them)."""
+        return [typed_site(self.name, {**call, **call.get("check_tables", {})}) for call in site.get("calls", [site])]
+
     # ------------------------------------------------------------------
     def build_pass(self, get_ctx: Callable[[], PassContext]) -> PatternMatcherPass:
         """One PatternMatcherPass holding every variant of the table, in table order."""
@@ -160,21 +315,39 @@ class Family:
             self._register(pm, variant, get_ctx)
         return pm
 
+    def judge(self, match: Match, variant: Variant, ctx: PassContext) -> dict | str:
+        """The site a match becomes, or why it is not one: the shared proofs, the family's
+        check, then the lowering's eligibility on the typed records. Never raises: a check
+        that fails on an unforeseen graph turns the site away with the error as its reason."""
+        try:
+            site = match_reason(match) or self.check(match, variant)
+            if isinstance(site, str):
+                return site
+            reason = dependency_reason(match, site)
+            if reason:
+                return reason
+            records = self.typed(site)
+            reason = zero_size_reason(records)
+            if reason:
+                return reason
+            reason = next((r for r in map(ctx.supports, records) if r), None)
+            if reason:
+                return f"{ctx.lowering} lowering does not take it: {reason}"
+            return site
+        except Exception as exc:  # noqa: BLE001  (a bad site is a miss, never an aborted pass)
+            log.warning("difffuse: %s check failed on a site (%s: %s); left to Inductor", self.name,
+                        type(exc).__name__, exc)
+            return f"internal error in the {self.name} check ({type(exc).__name__}: {exc}); left to Inductor"
+
     def _register(self, pm, variant: Variant, get_ctx) -> None:
         family = self
 
         def extra_check(match: Match) -> bool:
             ctx = get_ctx()
-            site = family.check(match, variant)
+            site = family.judge(match, variant, ctx)
             if isinstance(site, dict):
-                # a site may be several op calls (`calls`); each must suit the lowering, judged on
-                # the tables it will get (`check_tables`, when the replacement builds them)
-                reason = next((r for call in site.get("calls", [site])
-                               if (r := ctx.supports(family.name, {**call, **call.get("check_tables", {})}))), None)
-                if reason is None:
-                    match._difffuse_site = site
-                    return True
-                site = f"{ctx.lowering} lowering does not take it: {reason}"
+                match._difffuse_site = site
+                return True
             anchor = family.anchor_of(match)
             if anchor is not None:
                 ctx.rejected.setdefault(anchor, site)

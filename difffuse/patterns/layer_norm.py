@@ -15,7 +15,7 @@ import itertools
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from .common import CONVERT, aten, cast, is_number, is_upcast, reduces_last_dim, val
+from .common import CONVERT, aten, cast, is_number, is_upcast, match_reason, reduces_last_dim, val
 from .norm_scale_shift import affine_reason, layer_norm
 
 
@@ -60,5 +60,5 @@ def match_at(node) -> tuple[dict | str, list] | None:
     for (upcast, _, _), pattern in PATTERNS:
         m = pattern.match(node)
         if m:
-            return check(m, upcast), list(m.nodes)
+            return match_reason(m) or check(m, upcast), list(m.nodes)
     return None

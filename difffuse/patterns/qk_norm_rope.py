@@ -30,12 +30,13 @@ across-heads norm) is one head of width D: the op gets [B, L, 1, D] views. So is
 q/k laid out [B, H, L, D] (CogVideoX normalises after the transpose): the tables index
 dim -2, so it is the token dim, and the op gets [B, H, L, 1, D].
 
-The op's interleaved math is Wan's: out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1],
-out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i]. It is exact for wan_scatter and complex
-with any tables. The stack form reads cos[2i+1] and sin[2i] too; it equals the op where
-cos/sin are pair-duplicated (cos[2i] == cos[2i+1]), which is what a rope table is
-(diffusers `get_1d_rotary_pos_embed(repeat_interleave_real=True)`); a table that is not
-pair-duplicated is not a rotary embedding, but its values cannot be checked at compile time.
+The op's interleaved math has two table readings. Half tables (wan_scatter, complex):
+out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1], out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i],
+exact for those forms with any tables. Full tables (`full_tables=True`, the stack form):
+out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i], out[2i+1] = x[2i+1]*cos[2i+1] + x[2i]*sin[2i+1],
+every output element reading its own entries, exact for any table: a rope table is
+pair-duplicated (diffusers `get_1d_rotary_pos_embed(repeat_interleave_real=True)`), but
+that cannot be proven at compile time from a table that is a graph input.
 
 Checks (a false match is the worst bug): the norm reduces the last dim, eps is read from
 the match; nothing but views sits between the norm and the rope, and neither the norm
@@ -63,7 +64,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import layer_norm
-from .common import CONVERT, VIEW_OPS, Family, Variant, aten, is_upcast, val
+from .common import CONVERT, VIEW_OPS, Family, Variant, aten, is_upcast, match_reason, val
 from .rms_norm import RMSNormPattern
 from .rope_forms import INF_END, complex_rope, partial_rope, real_rope, scatter_rope, wan_scatter
 
@@ -130,7 +131,7 @@ def _norm_at(node) -> tuple | None:
     for variant in _RMS.variants():
         m = variant.pattern.match(node)
         if m:
-            return _RMS.check(m, variant), list(m.nodes)
+            return match_reason(m) or _RMS.check(m, variant), list(m.nodes)
     return layer_norm.match_at(node)
 
 
@@ -195,7 +196,9 @@ class QKNormRopePattern(Family):
             rope_out = out.args[0][0 if partial == "head" else 1] if partial else out
         if not _same(val(rope_out).shape, rv.shape):
             return f"rope output {tuple(val(rope_out).shape)} is not shaped like its input {tuple(rv.shape)}"
-        common = dict(out_dtype=val(out).dtype, interleaved=form != "neox", form=form)
+        # the stack form reads every table entry (out[2i] uses cos[2i], sin[2i]; out[2i+1]
+        # cos[2i+1], sin[2i+1]): exact for any table, pair-duplicated or not
+        common = dict(out_dtype=val(out).dtype, interleaved=form != "neox", full_tables=form == "stack", form=form)
         if partial:
             site = self._partial_site(match, kw, rv, tables, partial, common)
         elif r.target == aten.cat.default:
@@ -435,7 +438,7 @@ class QKNormRopePattern(Family):
                 if call.get("one_head"):
                     x, c, s = x.unsqueeze(-2), c.unsqueeze(-2), s.unsqueeze(-2)
                 o = op(x, w, c, s, call["eps"], call["num_heads"], call["across_heads"], call["interleaved"],
-                       call["out_dtype"], b, call["is_rms"])
+                       call["out_dtype"], b, call["is_rms"], call["full_tables"])
                 outs.append(o.squeeze(-2) if call.get("one_head") else o)
             return torch.cat(outs, join_dim) if join_dim is not None else outs[0]
 

@@ -32,7 +32,7 @@ import itertools
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from .common import Variant, aten, cast, val
+from .common import Variant, aten, cast, typed_site, val
 from .rms_norm import ADD_EPS, RMSNormPattern, with_tail
 
 c10d = torch.ops._c10d_functional
@@ -114,13 +114,15 @@ class RMSNormFamily(RMSNormPattern):
         missing = [f for f in ("variance", "rsqrt_mul") if f not in impls]
         if missing:
             return f"the {ctx.lowering} lowering has no {'/'.join(missing)} kernel"
-        for fam in ("variance", "rsqrt_mul"):
-            reason = ctx.supports(fam, site)
-            if reason:
-                return f"{ctx.lowering} {fam}: {reason}"
         site.update(reduce_op=kw["reduce_op"], group_name=kw["group_name"],
                     world=kw.get("world") if want == "sum" else None)
         return site
+
+    def typed(self, site):
+        """A tensor-parallel site is two op calls: `variance(x)` and `rsqrt_mul(x, var, w)`."""
+        if "reduce_op" not in site:
+            return super().typed(site)
+        return [typed_site("variance", site), typed_site("rsqrt_mul", site)]
 
     def replace(self, match, variant, site, ctx):
         if not variant.info.get("tp"):
