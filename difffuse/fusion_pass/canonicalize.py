@@ -5,6 +5,13 @@ families so their tables need one variant, not two.
   `norm(x) * (1 + scale)[:, None, :]` (CogVideoX, AdaLayerNormContinuous) becomes the
   `norm(x) * (1 + scale[:, None])` form (Flux, Wan). Indexing commutes with adding a
   number, so the values are identical in every dtype.
+- `var_mean(clone(t)), sub(clone(t), mean)` -> the same on `t`: LayerNorm's decomposition
+  copies a non-contiguous input to a contiguous one (a residual sum that inherits the
+  patch embedding's transposed layout: Wan with per-token or per-frame modulation). A
+  clone has its input's values, and the norm's statistics do not depend on layout, so
+  the norm reads t itself and the residual + norm pattern sees one graph. Only clones of
+  computed values (not graph inputs, which a graph may mutate at its end) whose every
+  user is that LayerNorm are dropped.
 """
 from __future__ import annotations
 
@@ -36,5 +43,29 @@ def hoist_unsqueeze(graph: torch.fx.Graph) -> int:
     return done
 
 
+_LAYOUTS = (None, torch.contiguous_format, torch.preserve_format)
+
+
+def drop_norm_layout_clones(graph: torch.fx.Graph) -> int:
+    """Rewrite a LayerNorm that reads `clone(t)` (var_mean and the centring sub, nothing
+    else) to read t."""
+    done = 0
+    for c in list(graph.find_nodes(op="call_function", target=aten.clone.default)):
+        t = c.args[0]
+        if not (isinstance(t, torch.fx.Node) and t.op == "call_function" and len(c.args) == 1
+                and set(c.kwargs) <= {"memory_format"} and c.kwargs.get("memory_format") in _LAYOUTS):
+            continue
+        users = list(c.users)
+        vms = [u for u in users if u.target == aten.var_mean.correction and u.args[0] is c]
+        if len(vms) != 1 or not all(u is vms[0] or (u.target == aten.sub.Tensor and u.args[0] is c and not u.kwargs)
+                                    for u in users):
+            continue
+        c.replace_all_uses_with(t)
+        graph.erase_node(c)
+        done += 1
+    return done
+
+
 def canonicalize(graph: torch.fx.Graph) -> None:
     hoist_unsqueeze(graph)
+    drop_norm_layout_clones(graph)

@@ -136,7 +136,7 @@ class NormScaleShiftPattern(Family):
             if inserted(vm):
                 continue  # a lowering's own LayerNorm
             src = vm.args[0]
-            while isinstance(src, torch.fx.Node) and src.target == CONVERT:
+            while isinstance(src, torch.fx.Node) and src.target in (CONVERT, aten.clone.default):
                 src = src.args[0]
             has_residual = isinstance(src, torch.fx.Node) and src.target == aten.add.Tensor and all(
                 isinstance(a, torch.fx.Node) for a in src.args)
