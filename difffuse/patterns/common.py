@@ -357,7 +357,20 @@ class Family:
             ctx = get_ctx()
             site = match._difffuse_site
             modules = module_paths(list(match.nodes) + list(site.get("norm_nodes", ())))
-            family.replace(match, variant, site, ctx)
+            before = list(match.graph.nodes)
+            try:
+                family.replace(match, variant, site, ctx)
+            except Exception as exc:  # noqa: BLE001
+                if list(match.graph.nodes) != before:
+                    raise  # the graph is half-rewritten: the pass restores its snapshot
+                # the replacement failed before touching the graph (tracing it): this site
+                # stays as it is, reported; the rest of the graph still fuses
+                reason = f"the {ctx.lowering} replacement could not be built ({type(exc).__name__}: {exc})"
+                log.warning("difffuse: %s: %s; left to Inductor", family.name, reason)
+                anchor = family.anchor_of(match)
+                if anchor is not None:
+                    ctx.rejected.setdefault(anchor, reason)
+                return
             ctx.record.add_match(family.name, variant.name, modules)
 
         register_graph_pattern(variant.pattern, extra_check=extra_check, pass_dict=pm)(handler)
