@@ -1,5 +1,6 @@
 """The CUDA lowering: every Triton kernel against the reference op (odd shapes, broadcast and
-strided operands, fp32/bf16/fp16, outputs poisoned with NaN), its eligibility reasons, the
+strided operands, strided weights and biases, random full rope tables, fp32/bf16/fp16,
+outputs poisoned with NaN) on sites its `supports` accepts, zero-size inputs, the
 functionalized trace that turns a launcher into Inductor's user-defined-kernel node, and the
 tiny Wan model compiled with ``lowering="cuda"``. On a CPU-only machine the kernels run in
 Triton's interpreter (conftest sets TRITON_INTERPRET=1); on a GPU the same tests run on
@@ -17,6 +18,7 @@ import torch
 import difffuse
 from conftest import DEVICE, TOL, assert_close
 from difffuse.lowering import cuda, ops
+from difffuse.lowering.sites import SITE_TYPES, TensorSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 F32 = torch.float32
@@ -30,6 +32,11 @@ def table(*shape):
     return torch.rand(*shape, device=DEVICE) * 2 - 1
 
 
+def col(n, dtype=F32):
+    """Column 0 of an [n, 2] parameter: a weight read with stride 2 (issue 20, item 4)."""
+    return rnd(n, 2, dtype=dtype)[:, 0]
+
+
 def complex_table(l, d):
     t = torch.polar(torch.ones(l, d // 2, device=DEVICE), torch.rand(l, d // 2, device=DEVICE) * 6.28)
     return torch.view_as_real(t).flatten(-2).unsqueeze(1)  # [L, 1, D]: (re, im) pairs, as the pattern passes
@@ -41,6 +48,8 @@ CASES = {
         "weight": lambda dt: (rnd(3, 37, 72, dtype=dt), rnd(72, dtype=dt), 1e-6, dt),
         "no-weight-2d": lambda dt: (rnd(37, 200, dtype=dt), None, 1e-5, dt),
         "strided-fp32-out": lambda dt: (rnd(2, 72, 11, dtype=dt).transpose(1, 2), rnd(72), 1e-6, F32),
+        "strided-weight": lambda dt: (rnd(3, 37, 72, dtype=dt), col(72, dt), 1e-6, dt),
+        "weight-widens-output": lambda dt: (rnd(37, 72, dtype=dt), rnd(1, 1, 72, dtype=dt), 1e-6, dt),
     },
     "scale_shift": {
         "per-sample": lambda dt: (rnd(2, 9, 40, dtype=dt), rnd(2, 1, 40), rnd(2, 1, 40), 1.0, dt),
@@ -60,6 +69,12 @@ CASES = {
                                              rnd(2, 9, 40), rnd(2, 9, 40), 1e-5, 1.0, False, dt, dt),
         "rms-strided": lambda dt: (rnd(2, 40, 9, dtype=dt).transpose(1, 2), rnd(2, 9, 40), None, rnd(40), None,
                                    rnd(2, 1, 40), None, 1e-6, 0.0, True, F32, dt),
+        "strided-weight-bias": lambda dt: (rnd(2, 9, 40, dtype=dt), rnd(2, 9, 40, dtype=dt), rnd(2, 1, 40),
+                                           col(40), rnd(3, 40)[1], rnd(2, 1, 40), rnd(2, 1, 40), 1e-6, 1.0, False,
+                                           dt, dt),
+        "modulate-strided-weight-bias": lambda dt: (rnd(2, 9, 40, dtype=dt), None, None, col(40, dt),
+                                                    rnd(40, 3, dtype=dt)[:, 2], rnd(2, 1, 40), rnd(2, 1, 40), 1e-6,
+                                                    1.0, True, F32, dt),
     },
     "qk_norm_rope": {
         # x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype
@@ -94,11 +109,41 @@ CASES = {
                                            table(7, 1, 12), 1e-5, 3, False, False, dt, rnd(12), False),
         "layernorm-bias-only": lambda dt: (rnd(2, 5, 2, 8, dtype=dt), None, table(5, 1, 8), table(5, 1, 8),
                                            1e-6, 2, False, True, F32, rnd(8), False),
+        # strided q/k weights and biases (W[:, 0] of a [D, 2] parameter), across heads and per head
+        "strided-weight-across": lambda dt: (rnd(2, 7, 24, dtype=dt), col(24), table(1, 7, 1, 8), table(1, 7, 1, 8),
+                                             1e-6, 3, True, True, dt),
+        "strided-weight-bias-across-rms": lambda dt: (rnd(2, 7, 96, dtype=dt), col(96, dt), table(7, 1, 8),
+                                                      table(7, 1, 8), 1e-6, 12, True, False, dt, col(96), True),
+        "strided-weight-per-head": lambda dt: (rnd(2, 7, 3, 16, dtype=dt), col(16, dt), table(7, 1, 16),
+                                               table(7, 1, 16), 1e-6, 3, False, True, dt),
+        "strided-weight-one-head-rows": lambda dt: (rnd(37, 1, 64, dtype=dt), col(64), table(37, 1, 64),
+                                                    table(37, 1, 64), 1e-6, 1, False, True, dt, col(64), False),
+        # full tables (the stack form): random cos/sin, not pair-duplicated, in the q/k dtype or fp32
+        "full-tables-across-strided-tables": lambda dt: (rnd(2, 7, 24, dtype=dt), rnd(24), table(1, 7, 1, 8, 2)[..., 0],
+                                                         table(1, 7, 1, 8, 2)[..., 1], 1e-6, 3, True, True, dt,
+                                                         None, True, True),
+        "full-tables-across-12-heads": lambda dt: (rnd(2, 5, 96, dtype=dt), col(96), table(5, 1, 8).to(dt),
+                                                   table(5, 1, 8).to(dt), 1e-6, 12, True, True, dt, None, True, True),
+        "full-tables-per-head": lambda dt: (rnd(2, 7, 3, 16, dtype=dt), rnd(16, dtype=dt), table(7, 1, 16).to(dt),
+                                            table(7, 1, 16).to(dt), 1e-5, 3, False, True, dt, None, True, True),
+        "full-tables-per-head-hd12-tables-per-head": lambda dt: (rnd(2, 5, 3, 12, dtype=dt), None,
+                                                                 table(2, 5, 3, 12), table(2, 5, 3, 12), 1e-6, 3,
+                                                                 False, True, F32, None, True, True),
+        "full-tables-one-head-rows": lambda dt: (rnd(37, 1, 64, dtype=dt), col(64), table(37, 1, 64),
+                                                 table(37, 1, 64), 1e-6, 1, False, True, dt, None, True, True),
+        "full-tables-layernorm-strided-x": lambda dt: (rnd(2, 3, 7, 8, dtype=dt).transpose(1, 2), rnd(8),
+                                                       table(7, 1, 8), table(7, 1, 8), 1e-6, 3, False, True, dt,
+                                                       rnd(8), False, True),
     },
 }
 REFS = {"rms_norm": ops.rms_norm_ref, "scale_shift": ops.scale_shift_ref,
         "norm_scale_shift": ops.norm_scale_shift_ref, "qk_norm_rope": ops.qk_norm_rope_ref}
 PARAMS = [(f, c, d) for f in CASES for c in CASES[f] for d in DTYPES]
+
+
+def record(family, args):
+    """The typed site record of one op call (what `supports` sees), from its arguments."""
+    return SITE_TYPES[family](*[TensorSpec.of(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 @pytest.fixture
@@ -116,6 +161,7 @@ def poisoned(monkeypatch):
 @pytest.mark.parametrize("family,case,dtype", PARAMS, ids=[f"{f}-{c}-{str(d)[6:]}" for f, c, d in PARAMS])
 def test_kernel_matches_reference(family, case, dtype, poisoned):
     args = CASES[family][case](dtype)
+    assert cuda.supports(record(family, args)) is None  # every case is a site the lowering takes
     out = cuda.IMPLS[family](*args)
     ref = REFS[family](*args)
     for o, r in zip(out, ref) if isinstance(ref, tuple) else [(out, ref)]:
@@ -124,7 +170,7 @@ def test_kernel_matches_reference(family, case, dtype, poisoned):
         assert_close(o, r, dtype)
 
 
-@pytest.mark.parametrize("case", ["across-12-heads", "per-head-10-heads-neox"])
+@pytest.mark.parametrize("case", ["across-12-heads", "per-head-10-heads-neox", "full-tables-across-12-heads"])
 @pytest.mark.parametrize("hc", [2, 16])
 def test_qk_head_chunking(case, hc, monkeypatch, poisoned):
     """The qk kernel's head chunk: several chunks per token, or one chunk covering (and
@@ -138,29 +184,47 @@ def test_qk_head_chunking(case, hc, monkeypatch, poisoned):
     assert_close(out, ops.qk_norm_rope_ref(*args), torch.bfloat16)
 
 
-# ------------------------------------------------------------------ eligibility
-def site(**kw):
-    return kw
+def test_full_tables_read_both_entries_of_each_pair(poisoned):
+    """The stack rope with tables that are not pair-duplicated (issue 20, item 3): with
+    full_tables the kernel equals the full-table reference and differs from the half-table
+    reading, which it still computes with full_tables=False."""
+    x, w = rnd(2, 7, 3, 16), rnd(16)
+    cos, sin = table(7, 1, 16), table(7, 1, 16)
+    half = (x, w, cos, sin, 1e-6, 3, False, True, F32, None, True, False)
+    full = half[:-1] + (True,)
+    out_full, out_half = cuda.IMPLS["qk_norm_rope"](*full), cuda.IMPLS["qk_norm_rope"](*half)
+    assert_close(out_full, ops.qk_norm_rope_ref(*full))
+    assert_close(out_half, ops.qk_norm_rope_ref(*half))
+    assert (out_full - out_half).abs().max() > 0.1  # the two readings differ on these tables
 
 
-def test_supports_reasons(monkeypatch):
-    x = rnd(4, 16)
-    assert cuda.supports("rms_norm", site(x=x, weight=rnd(16))) is None
-    assert "float64" in cuda.supports("rms_norm", site(x=x.double(), weight=None))
-    assert "8192" in cuda.supports("rms_norm", site(x=rnd(2, 8200), weight=None))
-    assert "one value per column" in cuda.supports("rms_norm", site(x=x, weight=rnd(2, 16)))
-    assert "leading dims" in cuda.supports("scale_shift", site(a=rnd(2, 2, 2, 2, 8), b=rnd(8), c=None, k=1.0))
-    assert "odd head_dim" in cuda.supports("qk_norm_rope", site(x=rnd(2, 3, 5), weight=None, cos=rnd(3, 1, 5),
-                                                                sin=rnd(3, 1, 5), num_heads=1, across_heads=True))
-    assert "LayerNorm per head only" in cuda.supports("qk_norm_rope", site(
-        x=rnd(2, 3, 16), weight=None, bias=rnd(16), cos=rnd(3, 1, 8), sin=rnd(3, 1, 8), num_heads=2,
-        across_heads=True, is_rms=False))
-    assert "widens" in cuda.supports("norm_scale_shift", site(x=rnd(2, 3, 8), residual=None, gate=None, weight=None,
-                                                              bias=None, scale=rnd(4, 2, 1, 8), shift=None))
-    if DEVICE == "cpu":
-        assert "erf-GELU" in cuda.supports("linear_gelu", site(x=x, weight=rnd(8, 16), bias=rnd(8), out_dtype=F32))
-        monkeypatch.setattr(cuda, "INTERPRET", False)
-        assert "CUDA tensors" in cuda.supports("rms_norm", site(x=x, weight=None))
+ZERO = {  # family -> args of the op with a zero-size dim (no tokens, or D = 0)
+    "rms_norm": [lambda: (rnd(0, 16), rnd(16), 1e-6, F32), lambda: (rnd(3, 5, 0), rnd(0), 1e-6, torch.bfloat16)],
+    "scale_shift": [lambda: (rnd(2, 0, 8), rnd(2, 1, 8), rnd(2, 1, 8), 1.0, F32),
+                    lambda: (rnd(2, 3, 0), rnd(2, 1, 0), None, 0.0, F32)],
+    "norm_scale_shift": [
+        lambda: (rnd(2, 0, 8), rnd(2, 0, 8), None, rnd(8), rnd(8), rnd(2, 1, 8), rnd(2, 1, 8), 1e-6, 1.0, False,
+                 F32, torch.bfloat16),
+        lambda: (rnd(2, 3, 0), None, None, None, None, rnd(2, 1, 0), None, 1e-6, 1.0, True, F32, F32)],
+    "qk_norm_rope": [
+        lambda: (rnd(2, 0, 24), rnd(24), table(0, 1, 8), table(0, 1, 8), 1e-6, 3, True, True, F32),
+        lambda: (rnd(2, 5, 0), None, table(5, 1, 0), table(5, 1, 0), 1e-6, 3, True, True, F32, None, True, True),
+        lambda: (rnd(2, 5, 3, 0), None, table(5, 1, 0), table(5, 1, 0), 1e-6, 3, False, False, F32),
+        lambda: (rnd(0, 1, 64), rnd(64), table(0, 1, 64), table(0, 1, 64), 1e-6, 1, False, True, F32),
+        lambda: (rnd(2, 0, 3, 8), None, table(0, 1, 8), table(0, 1, 8), 1e-6, 3, False, True, F32, rnd(8), False)],
+}
+ZERO_PARAMS = [(f, i) for f in ZERO for i in range(len(ZERO[f]))]
+
+
+@pytest.mark.parametrize("family,i", ZERO_PARAMS, ids=[f"{f}-{i}" for f, i in ZERO_PARAMS])
+def test_zero_size_never_crashes(family, i):
+    """Zero tokens or D = 0 (issue 20, item 5): the launcher returns an empty result of the
+    reference op's shape and dtype without launching; `supports` leaves the site to Inductor."""
+    args = ZERO[family][i]()
+    out, ref = cuda.IMPLS[family](*args), REFS[family](*args)
+    for o, r in zip(out, ref) if isinstance(ref, tuple) else [(out, ref)]:
+        assert o.shape == r.shape and o.dtype == r.dtype and o.numel() == 0
+    assert "zero-size" in cuda.supports(record(family, args))
 
 
 def test_trace_emits_user_defined_triton_kernel():
@@ -251,6 +315,11 @@ def test_real_sizes(d):
     qh = (rnd(1, L, heads, 64, dtype=torch.bfloat16) + 1).transpose(1, 2).unsqueeze(-2)
     largs = (qh, rnd(64), table(L, 1, 64), table(L, 1, 64), 1e-6, 1, False, False, torch.bfloat16, rnd(64), False)
     assert_close(cuda.IMPLS["qk_norm_rope"](*largs), ops.qk_norm_rope_ref(*largs))
+    # Flux's stack rope: per head, random full tables, a strided weight
+    qf = rnd(1, L, heads, 128, dtype=torch.bfloat16)
+    fargs = (qf, col(128), table(L, 1, 128), table(L, 1, 128), 1e-6, heads, False, True, torch.bfloat16, None, True,
+             True)
+    assert_close(cuda.IMPLS["qk_norm_rope"](*fargs), ops.qk_norm_rope_ref(*fargs))
 
 
 @pytest.mark.cuda
@@ -286,15 +355,35 @@ def test_jit_kernel_matches_reference(hd, inter, across, dtype, poisoned):
     assert why is None, why  # on a CUDA machine with cuda-core the kernel must build
     heads = 6
     x = rnd(2, 33, heads * hd, dtype=dtype) if across else rnd(2, 33, heads, hd, dtype=dtype)
-    w = rnd(heads * hd if across else hd, dtype=dtype)
+    n = heads * hd if across else hd
+    w = col(n, dtype) if hd == 128 else rnd(n, dtype=dtype)  # strided and contiguous weights
     args = (x, w, table(33, 1, hd), table(33, 1, hd), 1e-6, heads, across, inter, dtype)
+    assert cuda_jit.supports(record("qk_norm_rope", args)) is None
     out = cuda_jit.qk_norm_rope(*args)
     assert not out.isnan().any()
     assert_close(out, ops.qk_norm_rope_ref(*args), dtype)
 
 
-def test_jit_kernel_says_why_it_is_unavailable():
+def test_qk_kernel_jit_choice_falls_back_exactly(monkeypatch, poisoned):
+    """With QK_KERNEL="jit", the CUDA lowering launches the JIT kernel only where it can be
+    built and `cuda_jit.supports` takes the call, else the Triton kernel: either way the
+    output is the reference op's. Full tables (the stack form) and LayerNorm q/k always go
+    to Triton; off a GPU (or without cuda.core) `available()` says why."""
     from difffuse.lowering import cuda_jit
 
+    why = cuda_jit.available()
     if DEVICE == "cpu":
-        assert cuda_jit.available() is not None
+        assert isinstance(why, str) and why
+    jit_calls = []
+    real_jit = cuda_jit.jit_op
+    monkeypatch.setattr(cuda_jit, "jit_op", lambda *a: jit_calls.append(a) or real_jit(*a))
+    monkeypatch.setattr(cuda, "QK_KERNEL", "jit")
+    x, w, cos, sin = rnd(2, 9, 4 * 64, dtype=torch.bfloat16), col(4 * 64), table(9, 1, 64), table(9, 1, 64)
+    half = (x, w, cos, sin, 1e-6, 4, True, True, torch.bfloat16, None, True, False)
+    full = half[:-1] + (True,)
+    layer = (x.unflatten(-1, (4, 64)), rnd(64), cos, sin, 1e-6, 4, False, True, torch.bfloat16, rnd(64), False)
+    for args, jit in [(half, why is None and DEVICE == "cuda"), (full, False), (layer, False)]:
+        n = len(jit_calls)
+        out = cuda.IMPLS["qk_norm_rope"](*args)
+        assert_close(out, ops.qk_norm_rope_ref(*args), torch.bfloat16)
+        assert len(jit_calls) == n + jit

@@ -21,6 +21,7 @@ import difffuse.lowering as lowering
 from conftest import assert_close, compile_and_run
 from difffuse.fusion_pass import backend, device, pass_manager
 from difffuse.lowering import ops
+from difffuse.lowering.sites import SITE_TYPES, TensorSpec
 
 # ====================================================================== stand-ins
 def _sig(args):
@@ -220,15 +221,9 @@ def test_npu_missing_package_warns_once_and_falls_back(monkeypatch, caplog, abse
 
 
 # ---------------------------------------------------------------------- sites by hand
-def site_node(t):
-    """An fx Node whose fake value is `t` (how a pattern hands tensors to `supports`)."""
-    node = torch.fx.Graph().placeholder("t")
-    node.meta["val"] = t
-    return node
-
-
-def _site(**kw):
-    return {k: site_node(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+def record(family, **kw):
+    """The typed site record `supports` sees for one op call with these arguments."""
+    return SITE_TYPES[family](**{k: TensorSpec.of(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
 
 
 B, L, D = 2, 6, 8
@@ -252,42 +247,51 @@ SCALE_SHIFT_CASES = {
 def test_npu_scale_shift_exact_or_refused(npu_calls, name):
     """scale_shift through the NPU IMPLS callable on hand-made inputs (the scale_shift pattern
     is another module): where `supports` says yes, one fused_scale_shift call with an fp32
-    scale and scale_constant=k equals the reference op; where it says no, the real kernel
-    would assert or compute something else — the stand-in shows which."""
+    scale and scale_constant=k equals the reference op; where it says no, the reason names
+    the kernel's limit (what the compiled graph does with it: the next test)."""
     from difffuse.lowering import npu
 
     bshape, cshape, k, why = SCALE_SHIFT_CASES[name]
-    torch.manual_seed(0)
     a = torch.randn(B, L, D, dtype=torch.bfloat16)
     b = torch.randn(bshape)
     c = torch.randn(cshape) if cshape else None
-    reason = npu.supports("scale_shift", _site(a=a, b=b, c=c, k=k, out_dtype=torch.bfloat16))
-    ref = ops.scale_shift_ref(a, b, c, k, torch.bfloat16)
-    if why is None:
-        assert reason is None
-        out = npu.IMPLS["scale_shift"](a, b, c, k, torch.bfloat16)
-        assert_close(out, ref)
-        (fn, args, consts), = npu_calls
-        assert fn == "fused_scale_shift" and consts == {"scale_constant": k}
-        assert args[0] == ((B, L, D), torch.bfloat16) and args[1][1] == torch.float32
-    else:
+    reason = npu.supports(record("scale_shift", a=a, b=b, c=c, k=k, out_dtype=torch.bfloat16))
+    if why is not None:
         assert reason is not None and why in reason, reason
-        try:
-            wrong = npu.IMPLS["scale_shift"](a, b, c, k, torch.bfloat16)
-        except (AssertionError, RuntimeError):
-            return  # the kernel refuses it
-        assert not torch.allclose(wrong.float(), ref.float(), atol=1e-2), "the refusal would not be needed"
+        return
+    assert reason is None
+    out = npu.IMPLS["scale_shift"](a, b, c, k, torch.bfloat16)
+    assert_close(out, ops.scale_shift_ref(a, b, c, k, torch.bfloat16))
+    (fn, args, consts), = npu_calls
+    assert fn == "fused_scale_shift" and consts == {"scale_constant": k}
+    assert args[0] == ((B, L, D), torch.bfloat16) and args[1][1] == torch.float32
 
 
-def test_npu_scale_shift_needs_3d_contiguous(npu_calls):
-    from difffuse.lowering import npu
+class Modulate(nn.Module):
+    """shift + proj(h) * (1 + scale), scale and shift graph inputs of any shape."""
 
-    a4 = torch.randn(2, 3, 4, D)
-    assert "[B, L, D]" in npu.supports("scale_shift", _site(a=a4, b=torch.randn(D), c=None, k=1.0,
-                                                             out_dtype=torch.float32))
-    at = torch.randn(B, D, L).transpose(1, 2)
-    assert "contiguous" in npu.supports("scale_shift", _site(a=at, b=torch.randn(D), c=None, k=1.0,
-                                                              out_dtype=torch.float32))
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, h, scale, shift):
+        return shift + self.proj(h) * (1 + scale)
+
+
+@pytest.mark.parametrize("name", ["per_batch_scale", "per_batch_shift", "scalar_scale_full_shift"])
+def test_npu_refused_scale_shift_is_a_reported_miss(npu_calls, name):
+    """A modulation fused_scale_shift cannot compute, compiled with the NPU lowering: the
+    site is a miss whose reason is the lowering's, no vendor kernel is called, and the
+    output is eager's."""
+    bshape, cshape, k, why = SCALE_SHIFT_CASES[name]
+    m = Modulate().eval()
+    h, scale, shift = torch.randn(B, L, D), torch.randn(bshape), torch.randn(cshape)
+    out, rep = compile_and_run(m, h, scale, shift, options={"lowering": "npu", "inductor": False})
+    assert rep.matches() == {} and npu_calls == []
+    (miss,) = rep.misses
+    assert miss.family == "scale_shift" and "npu lowering does not take it" in miss.reason and why in miss.reason
+    with torch.no_grad():
+        assert_close(out, m(h, scale, shift))
 
 
 @pytest.mark.parametrize("form", ["ln_modulated", "residual_gate_affine_ln_modulated", "residual_rms",
@@ -313,7 +317,7 @@ def test_npu_norm_scale_shift(npu_calls, form):
         args.update(scale=None, shift=None)
     elif form == "ln_per_batch_scale":
         args.update(x=torch.randn(2, L, D, dtype=bf), scale=torch.randn(2, 1, D), shift=torch.randn(2, 1, D))
-    reason = npu.supports("norm_scale_shift", _site(**args))
+    reason = npu.supports(record("norm_scale_shift", **args))
     if form in ("ln_no_modulation", "ln_per_batch_scale"):
         assert reason is not None
         return
@@ -327,33 +331,34 @@ def test_npu_norm_scale_shift(npu_calls, form):
         assert npu_calls[0][1][0] == ((1, L, D), f32)  # the fp32 normalised tensor
 
 
-ROPE = {  # name: (x shape, num_heads, across_heads, interleaved, table shape, reason substring)
-    "wan_across_interleave": ((1, L, 4 * D), 4, True, True, (1, L, 1, D), None),
-    "flux_per_head_half": ((2, L, 4, D), 4, False, False, (L, 1, D), None),
-    "per_head_half_per_batch_table": ((2, L, 4, D), 4, False, False, (2, L, 1, D), None),
-    "interleave_per_batch_table": ((2, L, 4, D), 4, False, True, (2, L, 1, D), "npu_rotary_mul takes"),
-    "interleave_too_many_heads": ((2, L, 500, D), 500, False, True, (1, L, 1, D), "B*N < 1000"),
-    "table_over_heads": ((1, L, 4, D), 4, False, False, (1, 1, 4, D), "npu_rotary_mul takes"),
-    "not_4d": ((L, 4, D), 4, False, False, (L, 1, D), "4-d"),
+ROPE = {  # name: (x shape, num_heads, across_heads, interleaved, full_tables, table shape, reason substring)
+    "wan_across_interleave": ((1, L, 4 * D), 4, True, True, False, (1, L, 1, D), None),
+    "flux_per_head_half": ((2, L, 4, D), 4, False, False, False, (L, 1, D), None),
+    "stack_full_tables_per_head": ((2, L, 4, D), 4, False, True, True, (L, 1, D), None),
+    "stack_full_tables_across": ((1, L, 4 * D), 4, True, True, True, (1, L, 1, D), None),
+    "per_head_half_per_batch_table": ((2, L, 4, D), 4, False, False, False, (2, L, 1, D), None),
+    "interleave_per_batch_table": ((2, L, 4, D), 4, False, True, False, (2, L, 1, D), "npu_rotary_mul takes"),
+    "interleave_too_many_heads": ((2, L, 500, D), 500, False, True, True, (1, L, 1, D), "B*N < 1000"),
+    "table_over_heads": ((1, L, 4, D), 4, False, False, False, (1, 1, 4, D), "npu_rotary_mul takes"),
+    "not_4d": ((L, 4, D), 4, False, False, False, (L, 1, D), "4-d"),
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", sorted(ROPE))
-def test_npu_qk_norm_rope(npu_calls, name):
+def test_npu_qk_norm_rope(npu_calls, name, dtype):
     """qk_norm_rope on NPU: rms kernels then npu_rotary_mul (mode from the layout), equal to
-    the reference op; layouts outside npu_rotary_mul's limits are refused with the reason."""
+    the reference op for random tables (not pair-duplicated; values in [-1, 1] as the API
+    states), half or full (the stack form: r1 = cos, r2 = sin as given), and a strided weight;
+    layouts outside npu_rotary_mul's limits are refused with the reason."""
     from difffuse.lowering import npu
 
-    shape, heads, across, inter, tshape, why = ROPE[name]
-    torch.manual_seed(0)
-    x, w = torch.randn(shape, dtype=torch.bfloat16), torch.randn(shape[-1])
-    ang = torch.randn(tshape, dtype=torch.float64)
-    if inter:  # interleaved tables repeat each value per pair, as Wan builds them
-        ang = ang[..., 0::2].repeat_interleave(2, -1)
-    cos, sin = ang.cos().float(), ang.sin().float()
+    shape, heads, across, inter, full, tshape, why = ROPE[name]
+    x, w = torch.randn(shape, dtype=dtype), torch.randn(shape[-1], 2)[:, 1]
+    cos, sin = (torch.rand(tshape, dtype=dtype) * 2 - 1 for _ in range(2))
     args = dict(x=x, weight=w, cos=cos, sin=sin, eps=1e-6, num_heads=heads, across_heads=across,
-                interleaved=inter, out_dtype=torch.bfloat16)
-    reason = npu.supports("qk_norm_rope", _site(**args))
+                interleaved=inter, out_dtype=dtype, full_tables=full)
+    reason = npu.supports(record("qk_norm_rope", **args))
     if why:
         assert reason is not None and why in reason, reason
         return
@@ -363,24 +368,9 @@ def test_npu_qk_norm_rope(npu_calls, name):
     assert [c[0] for c in npu_calls] == ["fused_variance", "fused_rsqrt_mul", "npu_rotary_mul"]
     assert npu_calls[2][2] == {"rotary_mode": "interleave" if inter else "half"}
     assert all(dt == torch.float32 for _, dt in npu_calls[2][1])
-
-
-def test_npu_rope_refuses_complex_and_wide_heads(npu_calls):
-    from difffuse.lowering import npu
-
-    x = torch.randn(1, L, 2, 900)
-    t = torch.randn(1, L, 1, 900)
-    assert "even and < 896" in npu.supports("qk_norm_rope", _site(
-        x=x, weight=None, cos=t, sin=t, eps=1e-6, num_heads=2, across_heads=False, interleaved=False,
-        out_dtype=torch.float32))
-    c = torch.randn(1, L, 1, D // 2, dtype=torch.complex64)
-    assert "complex" in npu.supports("qk_norm_rope", _site(
-        x=torch.randn(1, L, 2, D), weight=None, cos=c, sin=c, eps=1e-6, num_heads=2, across_heads=False,
-        interleaved=True, out_dtype=torch.float32))
-    t = torch.randn(1, L, 1, D)
-    assert "RMSNorm kernels only" in npu.supports("qk_norm_rope", _site(
-        x=torch.randn(1, L, 2, D), weight=None, bias=torch.randn(D), cos=t, sin=t, eps=1e-6, num_heads=2,
-        across_heads=False, interleaved=True, out_dtype=torch.float32, is_rms=False))
+    if inter and full:  # the other reading of the same tables is not what was computed
+        other = ops.qk_norm_rope_ref(**{**args, "full_tables": False})
+        assert (out.float() - other.float()).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("name", ["wan-t2v-tiny", "wan-i2v-tiny", "wan-ti2v-tiny"])
@@ -450,7 +440,7 @@ def test_rocm_residual_rms_norm_calls_with_add(aiter_calls):
     args = dict(x=torch.randn(2, L, D, dtype=bf), residual=torch.randn(2, L, D, dtype=bf), gate=None,
                 weight=torch.randn(D, dtype=bf), bias=None, scale=None, shift=None, eps=1e-5, k=1.0, is_rms=True,
                 residual_dtype=bf, out_dtype=bf)
-    assert rocm.supports("norm_scale_shift", _site(**args)) is None
+    assert rocm.supports(record("norm_scale_shift", **args)) is None
     out, r = rocm.IMPLS["norm_scale_shift"](**args)
     ref_out, ref_r = ops.norm_scale_shift_ref(**args)
     assert torch.equal(r, ref_r)
@@ -460,9 +450,13 @@ def test_rocm_residual_rms_norm_calls_with_add(aiter_calls):
     assert sig == [((2 * L, D), bf)] * 4 + [((D,), bf)]
     for change, why in [({"is_rms": False}, "LayerNorm"), ({"scale": torch.randn(1, 1, D)}, "scale"),
                         ({"residual_dtype": torch.float32}, "mixed dtypes"), ({"residual": None}, "no residual")]:
-        assert why in rocm.supports("norm_scale_shift", _site(**{**args, **change}))
-    for family in ("scale_shift", "qk_norm_rope"):
-        assert "no aiter kernel" in rocm.supports(family, {})
+        assert why in rocm.supports(record("norm_scale_shift", **{**args, **change}))
+    a = torch.randn(2, L, D)
+    others = [record("scale_shift", a=a, b=torch.randn(D), c=None, k=1.0, out_dtype=bf),
+              record("qk_norm_rope", x=a.unflatten(-1, (2, -1)), weight=None, cos=torch.randn(L, 1, D // 2),
+                     sin=torch.randn(L, 1, D // 2), eps=1e-6, num_heads=2, across_heads=False, interleaved=True,
+                     out_dtype=bf)]
+    assert [rocm.supports(r) for r in others] == ["no aiter kernel for scale_shift", "no aiter kernel for qk_norm_rope"]
 
 
 @pytest.mark.parametrize("installed", ["absent", "pypi_aiter"])

@@ -1,8 +1,11 @@
 """The device table: which lowering implements each family (data, not if-chains).
 
 A lowering module exposes ``IMPLS`` (family -> callable with the reference op's
-signature) and ``supports(family, site) -> None | reason`` — the one eligibility
-predicate that the pattern check, the lowering and the tests share.
+signature) and ``supports(site) -> None | reason`` — the one eligibility predicate that
+the pattern check, the lowering and the tests share. ``site`` is a typed record of one op
+call (``lowering/sites.py``: operands as ``TensorSpec`` — shape, strides, dtype, device,
+computed — and constants; the family is ``site.FAMILY``), never graph nodes, so nothing
+under ``lowering/`` imports ``patterns/`` and each rule is testable without a graph.
 ``"inductor"`` and ``"musa"`` map to no lowering: no rewrite, plain Inductor.
 """
 from __future__ import annotations

@@ -2,7 +2,8 @@
 Linear + tanh-GELU.
 
 - rms_norm, scale_shift, norm_scale_shift, qk_norm_rope: `triton_kernels` (fp32 math,
-  fp16/bf16/fp32 operands, strided/broadcast operands read in place, D <= 8192).
+  fp16/bf16/fp32 operands, strided/broadcast operands read in place, weights and biases
+  through their strides too, D <= 8192; the qk kernel reads half or full rope tables).
 - linear_gelu: ``aten._addmm_activation(bias, x, w.t(), use_gelu=True)``, which on CUDA is
   cuBLASLt's tanh-GELU epilogue (on CPU the same op computes erf-GELU, so CUDA tensors only).
 
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import operator
-
 import torch
 from torch import Tensor
 
-from ..patterns.common import aten, val
 from . import triton_kernels as tk
+from .sites import (LinearGeluSite, NormScaleShiftSite, QKNormRopeSite, RMSNormSite, ScaleShiftSite, TensorSpec,
+                    known, specs)
 
 INTERPRET = tk.INTERPRET
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,14 +63,18 @@ QK_KERNEL = "triton"
 
 
 def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
-                 out_dtype: torch.dtype, bias=None, is_rms: bool = True):
-    """difffuse::qk_norm_rope through the kernel QK_KERNEL names (the JIT kernel: RMSNorm only)."""
-    if QK_KERNEL == "jit" and not INTERPRET and is_rms and bias is None:
+                 out_dtype: torch.dtype, bias=None, is_rms: bool = True, full_tables: bool = False):
+    """difffuse::qk_norm_rope through the kernel QK_KERNEL names; the JIT kernel only where
+    `cuda_jit.supports` takes the call (judged on the same typed record), else Triton."""
+    if QK_KERNEL == "jit" and not INTERPRET:
         from . import cuda_jit
 
-        if cuda_jit.available() is None and cuda_jit.reason(x, num_heads, across_heads, cos, sin, weight) is None:
+        site = QKNormRopeSite(*(TensorSpec.of(t) for t in (x, weight, cos, sin)), eps, num_heads, across_heads,
+                              interleaved, out_dtype, TensorSpec.of(bias), is_rms, full_tables)
+        if cuda_jit.available() is None and cuda_jit.supports(site) is None:
             return cuda_jit.jit_op(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
-    return tk.qk_norm_rope(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype, bias, is_rms)
+    return tk.qk_norm_rope(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype, bias, is_rms,
+                           full_tables)
 
 
 IMPLS = {
@@ -83,23 +87,16 @@ IMPLS = {
 
 
 # ------------------------------------------------------------------ eligibility
-def _tensors(site: dict, names) -> list[Optional[Tensor]]:
-    out = []
-    for n in names:
-        t = val(site.get(n))
-        out.append(t if isinstance(t, torch.Tensor) else None)
-    return out
-
-
-def _common(ts, what: str = "the Triton kernels") -> Optional[str]:
-    """Device and dtype rule shared by every kernel."""
-    for t in ts:
-        if t is None:
-            continue
+# Stated once per kernel, from the typed site record alone (lowering/sites.py).
+def _common(site, what: str = "the Triton kernels") -> Optional[str]:
+    """Device, dtype and size rule shared by every kernel."""
+    for t in specs(site):
         if t.dtype not in FLOATS:
             return f"dtype {t.dtype}: {what} take fp16/bf16/fp32"
-        if t.device.type != "cuda" and not INTERPRET:
-            return f"tensor on {t.device.type}: {what} need CUDA tensors"
+        if t.device != "cuda" and not INTERPRET:
+            return f"tensor on {t.device}: {what} need CUDA tensors"
+        if t.has_zero_dim():
+            return f"zero-size operand {tuple(t.shape)}: left to Inductor"
     return None
 
 
@@ -111,8 +108,10 @@ def _width(d) -> Optional[str]:
     return None
 
 
-def _vector(t: Optional[Tensor], d: int, name: str) -> Optional[str]:
-    if t is not None and t.numel() != d:
+def _vector(t: Optional[TensorSpec], d, name: str) -> Optional[str]:
+    """A weight or bias: one value per column (any stride: the kernels read it with its
+    last dim's stride), leading dims of size 1."""
+    if t is not None and (t.ndim == 0 or not known(t.shape[-1] == d) or not known(t.numel() == d)):
         return f"{name} of shape {tuple(t.shape)} is not one value per column ({d})"
     return None
 
@@ -123,99 +122,107 @@ def _lead(shape, inner: int = 1) -> Optional[str]:
     return None
 
 
-def _rms_norm(site) -> Optional[str]:
-    x, w = _tensors(site, ("x", "weight"))
-    d = x.shape[-1]
-    return _common([x, w]) or _width(d) or _lead(x.shape) or _vector(w, d, "weight")
+def _broadcast(*ts) -> Optional[tuple]:
+    """The broadcast shape of the operands (TensorSpecs or shapes; None skipped), or None
+    where they do not broadcast."""
+    try:
+        return tuple(torch.broadcast_shapes(*[getattr(t, "shape", t) for t in ts if t is not None]))
+    except RuntimeError:
+        return None
 
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.squeeze.dim,
-          aten.squeeze.dims, aten.unsqueeze.default, aten.expand.default, aten.permute.default,
-          aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.split_with_sizes.default,
-          aten.unbind.int, operator.getitem}
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(known(x == y) for x, y in zip(a, b))
 
 
-def _computed_per_token(site: dict, names, out_numel) -> Optional[str]:
-    """A per-token modulation operand (as many values as the output) that the graph computes
-    (e.g. Wan 2.2 TI2V's `table + temb` chunks): Inductor fuses that computation into its own
-    norm kernel, while ours would read it materialized, one extra write and read of the whole
-    tensor. Measured slower on an H100 (benchmarks/RESULTS.md), so left to Inductor."""
+def _computed_per_token(site, names, out_numel) -> Optional[str]:
+    """A per-token modulation operand (a quarter of the output's values or more) that the
+    graph computes (`TensorSpec.computed`, e.g. Wan 2.2 TI2V's `table + temb` chunks):
+    Inductor fuses that computation into its own norm kernel, while ours would read it
+    materialized, one extra write and read of the whole tensor. Measured slower on an H100
+    (benchmarks/RESULTS.md), so left to Inductor."""
     for name in names:
-        node = site.get(name)
-        t = val(node)
-        if not isinstance(t, torch.Tensor) or 4 * t.numel() < out_numel:
-            continue
-        while isinstance(node, torch.fx.Node) and node.target in _VIEWS:
-            node = node.args[0]
-        if isinstance(node, torch.fx.Node) and node.op == "call_function":
-            return (f"per-token {name} is computed in the graph ({node.target}): Inductor fuses it into its "
-                    f"norm kernel, faster than materializing it for ours")
+        t = getattr(site, name)
+        if t is not None and t.computed and known(4 * t.numel() >= out_numel):
+            return (f"per-token {name} is computed in the graph: Inductor fuses it into its norm kernel, "
+                    f"faster than materializing it for ours")
     return None
 
 
-def _scale_shift(site) -> Optional[str]:
-    a, b, c = _tensors(site, ("a", "b", "c"))
-    shape = torch.broadcast_shapes(*[t.shape for t in (a, b, c) if t is not None])
-    return (_common([a, b, c]) or _width(shape[-1]) or _lead(shape)
-            or _computed_per_token(site, ("b",), a.numel()))
+def _rms_norm(site: RMSNormSite) -> Optional[str]:
+    shape = _broadcast(site.x, site.weight)
+    if not shape:
+        return f"x {tuple(site.x.shape)} and weight do not broadcast to a row of columns"
+    d = shape[-1]
+    return _common(site) or _width(d) or _lead(shape) or _vector(site.weight, d, "weight")
 
 
-def _norm_scale_shift(site) -> Optional[str]:
-    ts = _tensors(site, ("x", "residual", "gate", "weight", "bias", "scale", "shift"))
-    x, residual, gate, weight, bias, scale, shift = ts
-    r_shape = torch.broadcast_shapes(*[t.shape for t in (x, residual, gate) if t is not None])
-    o_shape = torch.broadcast_shapes(r_shape, *[t.shape for t in (weight, bias, scale, shift) if t is not None])
-    if tuple(o_shape) != tuple(r_shape):
-        return f"modulation widens the output to {tuple(o_shape)} from the residual's {tuple(r_shape)}"
+def _scale_shift(site: ScaleShiftSite) -> Optional[str]:
+    shape = _broadcast(site.a, site.b, site.c)
+    if not shape:
+        return "a, b and c do not broadcast to a row of columns"
+    return (_common(site) or _width(shape[-1]) or _lead(shape)
+            or _computed_per_token(site, ("b",), site.a.numel()))
+
+
+def _norm_scale_shift(site: NormScaleShiftSite) -> Optional[str]:
+    r_shape = _broadcast(site.x, site.residual, site.gate)
+    o_shape = _broadcast(site.x, site.residual, site.gate, site.weight, site.bias, site.scale, site.shift)
+    if not r_shape or not o_shape:
+        return "operands do not broadcast to a row of columns"
+    if not _same(o_shape, r_shape):
+        return f"modulation widens the output to {o_shape} from the residual's {r_shape}"
     d = r_shape[-1]
-    return (_common(ts) or _width(d) or _lead(r_shape) or _vector(weight, d, "weight")
-            or _vector(bias, d, "bias") or _computed_per_token(site, ("gate", "scale", "shift"), x.numel()))
+    return (_common(site) or _width(d) or _lead(r_shape) or _vector(site.weight, d, "weight")
+            or _vector(site.bias, d, "bias") or _computed_per_token(site, ("gate", "scale", "shift"), site.x.numel()))
 
 
-def _qk_norm_rope(site) -> Optional[str]:
-    x, w, b, cos, sin = _tensors(site, ("x", "weight", "bias", "cos", "sin"))
-    heads = site["num_heads"]
-    if not site.get("is_rms", True) and site["across_heads"]:
+def _qk_norm_rope(site: QKNormRopeSite) -> Optional[str]:
+    x, heads = site.x, site.num_heads
+    if not isinstance(heads, int) or heads < 1:
+        return f"number of heads {heads}"
+    if not site.is_rms and site.across_heads:
         return "LayerNorm across heads: the Triton kernel normalises a LayerNorm per head only"
-    if site["across_heads"]:
-        shape = (*x.shape[:-1], heads, x.shape[-1] // heads)
-        width = x.shape[-1]
-    else:
-        shape = tuple(x.shape)
-        width = shape[-1]
+    if x.ndim < (1 if site.across_heads else 2):
+        return f"{x.ndim}-d q/k"
+    width = x.shape[-1]
+    if site.across_heads and not known(width % heads == 0):
+        return f"width {width} is not {heads} heads of one size"
+    shape = site.out_shape
     hd = shape[-1]
-    if isinstance(hd, int) and hd % 2:
+    if not known(hd % 2 == 0):
         return f"odd head_dim {hd}"
-    for t in (cos, sin):
-        try:
-            torch.broadcast_shapes(t.shape, shape)
-        except RuntimeError:
+    for t in (site.cos, site.sin):
+        if not _same(_broadcast(t, shape) or (), shape):
             return f"cos/sin of shape {tuple(t.shape)} do not broadcast against q/k {tuple(shape)}"
-    return (_common([x, w, b, cos, sin]) or _width(width) or _width(heads * hd) or _lead(shape, 2)
-            or _vector(w, width, "weight") or _vector(b, width, "bias"))
+    for name, t in (("weight", site.weight), ("bias", site.bias)):
+        if t is not None and t.ndim > x.ndim:
+            return f"{name} of shape {tuple(t.shape)} has more dims than q/k"
+    return (_common(site) or _width(width) or _width(heads * hd) or _lead(shape, 2)
+            or _vector(site.weight, width, "weight") or _vector(site.bias, width, "bias"))
 
 
-def _linear_gelu(site) -> Optional[str]:
-    x, w, b = _tensors(site, ("x", "weight", "bias"))
-    for t in (x, w, b):
-        if t.device.type != "cuda":
-            return "aten._addmm_activation computes erf-GELU off CUDA: tanh-GELU needs CUDA tensors"
-    dtypes = {x.dtype, w.dtype, b.dtype, site["out_dtype"]}
-    if len(dtypes) != 1 or x.dtype not in FLOATS:
+def _linear_gelu(site: LinearGeluSite) -> Optional[str]:
+    ts = specs(site)
+    if any(t.device != "cuda" for t in ts):
+        return "aten._addmm_activation computes erf-GELU off CUDA: tanh-GELU needs CUDA tensors"
+    dtypes = {t.dtype for t in ts} | {site.out_dtype}
+    if len(dtypes) != 1 or site.x.dtype not in FLOATS:
         return f"mixed or non-float dtypes {sorted(map(str, dtypes))}: cuBLASLt's epilogue takes one float dtype"
     return None
 
 
 _RULES = {
-    "rms_norm": _rms_norm,
-    "scale_shift": _scale_shift,
-    "norm_scale_shift": _norm_scale_shift,
-    "qk_norm_rope": _qk_norm_rope,
-    "linear_gelu": _linear_gelu,
+    RMSNormSite: _rms_norm,
+    ScaleShiftSite: _scale_shift,
+    NormScaleShiftSite: _norm_scale_shift,
+    QKNormRopeSite: _qk_norm_rope,
+    LinearGeluSite: _linear_gelu,
 }
 
 
-def supports(family: str, site: dict) -> Optional[str]:
-    """None if the CUDA kernel computes this site; else why it is left to Inductor."""
-    rule = _RULES.get(family)
-    return rule(site) if rule else f"no CUDA kernel for {family}"
+def supports(site) -> Optional[str]:
+    """None if the CUDA lowering computes this site (a typed record, lowering/sites.py);
+    else why it is left to Inductor."""
+    rule = _RULES.get(type(site))
+    return rule(site) if rule else f"no CUDA kernel for {site.FAMILY}"

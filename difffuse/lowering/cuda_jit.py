@@ -4,8 +4,11 @@ One thread block per token, 8 warps; each warp takes heads h = warp, warp + 8, .
 lane holds HD/64 (a, b) pairs: (2i, 2i+1) interleaved or (i, i + HD/2) neox. The norm is
 over all heads (a block reduction, then q is re-read from cache) or per head (a warp
 reduction). fp32 math; bf16/fp16/fp32 q/k, weights and tables; head_dim 64/128/256; q/k
-with a contiguous last dim. Compiled at first use for the device's architecture and cached
-on disk (``$DIFFFUSE_CACHE_DIR`` or ``~/.cache/difffuse/jit``); users need no nvcc.
+with a contiguous last dim; weights and tables read with their strides; RMSNorm without a
+bias, and interleaved tables read half (a pair reads cos[2i] and sin[2i+1]) — the stack
+form's full tables, LayerNorm q/k and the rest are the Triton kernel's (`supports`).
+Compiled at first use for the device's architecture and cached on disk
+(``$DIFFFUSE_CACHE_DIR`` or ``~/.cache/difffuse/jit``); users need no nvcc.
 `available()` says why it cannot be used (no cuda.core, no GPU, a failed build) and the
 CUDA lowering then keeps the Triton kernel, with one log line.
 """
@@ -21,6 +24,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .sites import QKNormRopeSite, known, specs
 
 log = logging.getLogger("difffuse")
 NWARPS = 8
@@ -49,7 +54,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) qk_norm_rope(
     const T_T* __restrict__ sinp, T_Y* __restrict__ y, long long N1, long long N2, int H,
     long long sx0, long long sx1, long long sx2, long long sxh,
     long long sc0, long long sc1, long long sc2, long long sch, long long scd,
-    long long ss0, long long ss1, long long ss2, long long ssh, long long ssd, float eps) {
+    long long ss0, long long ss1, long long ss2, long long ssh, long long ssd, long long sw, float eps) {
   const long long row = blockIdx.x;
   const long long i2 = row % N2, t = row / N2, i1 = t % N1, i0 = t / N1;
   const T_X* xr = x + i0 * sx0 + i1 * sx1 + i2 * sx2;
@@ -94,9 +99,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32) qk_norm_rope(
       const int pa = ia(lane, j), pb = ib(lane, j);
       float na = a[j] * r, nb = b[j] * r;
 #if HAS_W
-      const T_W* wh = w + (ACROSS ? h * HD : 0);
-      na *= ld(wh + pa);
-      nb *= ld(wh + pb);
+      const T_W* wh = w + (ACROSS ? (long long)h * HD * sw : 0);
+      na *= ld(wh + pa * sw);
+      nb *= ld(wh + pb * sw);
 #endif
       const float ca = ld(cr + h * sch + pa * scd), sb = ld(sr + h * ssh + pb * ssd);
 #if INTERLEAVED
@@ -170,7 +175,10 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
     shape = xv.shape
     hd = shape[-1]
     y = torch.empty(shape, dtype=out_dtype, device=x.device)
-    w = weight.reshape(-1).contiguous() if weight is not None else None
+    if any(s == 0 for s in shape):
+        return y
+    w = weight
+    sw = w.stride(-1) if w is not None and w.ndim and w.shape[-1] != 1 else 0
     dt = {t.dtype for t in (cos, sin)}
     tab_t = cos.dtype if len(dt) == 1 else torch.float32
     cos, sin = cos.to(tab_t), sin.to(tab_t)
@@ -190,8 +198,8 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
     i64 = ctypes.c_int64
     args = [p(xv.data_ptr()), p(w.data_ptr() if w is not None else 0), p(cos.data_ptr()), p(sin.data_ptr()),
             p(y.data_ptr()), i64(n1), i64(n2), ctypes.c_int32(num_heads), *map(i64, sx), *map(i64, sc),
-            *map(i64, ss), ctypes.c_float(eps)]
-    launch(torch.cuda.current_stream(x.device), LaunchConfig(grid=max(rows, 1), block=NWARPS * 32), kernel, *args)
+            *map(i64, ss), i64(sw), ctypes.c_float(eps)]
+    launch(torch.cuda.current_stream(x.device), LaunchConfig(grid=rows, block=NWARPS * 32), kernel, *args)
     return y
 
 
@@ -207,18 +215,32 @@ def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
     return x.new_empty(shape, dtype=out_dtype)
 
 
-def reason(x: Tensor, heads: int, across: bool, cos: Tensor, sin: Tensor, weight: Optional[Tensor]) -> Optional[str]:
-    """None if the JIT kernel takes this site (beyond the Triton kernel's own rule)."""
-    hd = x.shape[-1] // heads if across else x.shape[-1]
+def supports(site: QKNormRopeSite) -> Optional[str]:
+    """None if the JIT kernel computes this qk_norm_rope call (a typed record); else why
+    not (the CUDA lowering then launches the Triton kernel, which `cuda.supports` judged)."""
+    x = site.x
+    if not site.is_rms or site.bias is not None:
+        return "LayerNorm or a bias on q/k: the JIT kernel is RMSNorm [* w] only"
+    if site.full_tables:
+        return "full rope tables (the stack form): the JIT kernel reads cos[2i] and sin[2i+1] of a pair only"
+    if any(t.dtype not in CTYPE for t in specs(site)):
+        return f"dtypes {sorted({str(t.dtype) for t in specs(site)})}: the JIT kernel takes fp16/bf16/fp32"
+    if any(t.device != "cuda" for t in specs(site)):
+        return "the JIT kernel needs CUDA tensors"
+    if any(t.has_zero_dim() for t in specs(site)):
+        return "zero-size operand: left to Inductor"
+    shape = site.out_shape
+    hd = shape[-1]
     if hd not in HEAD_DIMS:
         return f"head_dim {hd} (the JIT kernel takes {HEAD_DIMS})"
-    xv = x.unflatten(-1, (heads, -1)) if across else x
-    if xv.stride(-1) != 1:
+    if not x.last_stride_is_one():
         return "q/k last dim not contiguous"
-    if len(xv.shape) - 2 > 3:
+    if len(shape) - 2 > 3:
         return "more than 3 leading dims"
-    if any(t is not None and t.dtype not in CTYPE for t in (x, weight, cos, sin)):
-        return "dtype"
+    width = x.shape[-1]
+    w = site.weight
+    if w is not None and (w.ndim == 0 or not known(w.shape[-1] == width) or not known(w.numel() == width)):
+        return f"weight of shape {tuple(w.shape)} is not one value per column ({width})"
     return None
 
 

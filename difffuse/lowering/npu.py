@@ -16,9 +16,14 @@ changed 5b76b29; torch_npu API reference 7.0.0, `torch_npu.npu_rotary_mul`):
   ``scale_constant`` is ignored. Loads x and scale in their dtypes, shift as fp32, stores
   x's dtype: with an fp32 scale the arithmetic is fp32.
 - ``torch_npu.npu_rotary_mul(x, r1, r2, rotary_mode)``: 4-D, ``out = r1*x + r2*rotate(x)``
-  (half: ``cat(-x2, x1)``; interleave: pairs ``(-x[2i+1], x[2i])``); fp16/bf16/fp32; D even
-  and < 896; half: B, N < 1000, r1/r2 ``1S1D``/``BS1D``/``BSND`` for a BSND x; interleave:
-  B*N < 1000, r1/r2 ``1S1D``.
+  elementwise over the full D (half: ``rotate(x) = cat(-x2, x1)``; interleave:
+  ``rotate(x) = stack(-x[1::2], x[0::2]).flatten(-2)``, so out[2i] = r1[2i]*x[2i] -
+  r2[2i]*x[2i+1] and out[2i+1] = r1[2i+1]*x[2i+1] + r2[2i+1]*x[2i]: every element reads
+  its own r1/r2 entry, which is the op's ``full_tables`` reading with r1 = cos, r2 = sin;
+  the half-table reading is r1 = cos[2i] and r2 = sin[2i+1] repeated per pair);
+  fp16/bf16/fp32; D even and < 896; half: B, N < 1000, r1/r2 ``1S1D``/``BS1D``/``BSND`` for
+  a BSND x; interleave: B*N < 1000, r1/r2 ``1S1D``. The API reference also states r1/r2
+  values in [-1, 1] (true of cos/sin tables; values cannot be checked at compile time).
 
 Every vendor call is a ``difffuse::npu_*`` custom op (fake impl = shapes) so the pattern
 replacement can be traced into the post-grad graph; the casts around it are ordinary aten
@@ -34,7 +39,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..patterns.common import val
+from .sites import (NormScaleShiftSite, QKNormRopeSite, RMSNormSite, RsqrtMulSite, ScaleShiftSite, TensorSpec,
+                    VarianceSite, known, specs)
 
 try:  # both are needed; sgl_kernel_npu itself imports torch_npu and loads its .so
     import sgl_kernel_npu  # noqa: F401
@@ -156,17 +162,19 @@ def _table4(t: Tensor) -> Tensor:
 
 
 def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
-                 out_dtype: torch.dtype, bias: Optional[Tensor] = None, is_rms: bool = True) -> Tensor:
+                 out_dtype: torch.dtype, bias: Optional[Tensor] = None, is_rms: bool = True,
+                 full_tables: bool = False) -> Tensor:
     """difffuse::qk_norm_rope = the rms_norm kernels, then npu_rotary_mul on [B, S, N, D].
-    interleave: r1[2i] = r1[2i+1] = cos[2i], r2[2i] = r2[2i+1] = sin[2i+1] (the reference's
-    pair rotation); half: r1 = cos, r2 = sin. RMSNorm only (``supports`` declines LayerNorm)."""
+    interleave with half tables: r1[2i] = r1[2i+1] = cos[2i], r2[2i] = r2[2i+1] = sin[2i+1]
+    (the reference's pair rotation); interleave with full tables (the stack form) and half
+    mode (neox): r1 = cos, r2 = sin. RMSNorm only (``supports`` declines LayerNorm)."""
     if not is_rms or bias is not None:
         raise ValueError("difffuse npu qk_norm_rope: RMSNorm q/k only (supports() declines LayerNorm)")
     n = _rms_fp32(x, weight, eps)
     if across_heads:
         n = n.unflatten(-1, (num_heads, -1))
     c, s = _table4(cos), _table4(sin)
-    if interleaved:
+    if interleaved and not full_tables:
         r1, r2 = c[..., 0::2].repeat_interleave(2, -1), s[..., 1::2].repeat_interleave(2, -1)
     else:
         r1, r2 = c, s
@@ -196,19 +204,22 @@ IMPLS = {
 
 
 # ------------------------------------------------------------------ eligibility
-def _tensor(x) -> Optional[Tensor]:
-    t = val(x)
-    return t if isinstance(t, torch.Tensor) else None
-
-
-def _float_ok(*ts) -> Optional[str]:
-    for t in ts:
-        if t is not None and t.dtype not in FLOATS:
+# Stated once per kernel, from the typed site record alone (lowering/sites.py). The vendor
+# calls receive contiguous copies (`_vendor` wrappers), so operand strides never matter.
+def _float_ok(site) -> Optional[str]:
+    for t in specs(site):
+        if t.dtype not in FLOATS:
             return f"dtype {t.dtype} (the NPU kernels take fp16/bf16/fp32)"
+        if t.has_zero_dim():
+            return f"zero-size operand {tuple(t.shape)}: left to Inductor"
     return None
 
 
-def modulation_reason(x_shape, scale: Optional[Tensor], shift: Optional[Tensor], k: float) -> Optional[str]:
+def _is_vector(t: TensorSpec, d) -> bool:
+    return t.ndim >= 1 and known(t.shape[-1] == d) and known(t.numel() == d)
+
+
+def modulation_reason(x_shape, scale: Optional[TensorSpec], shift: Optional[TensorSpec], k: float) -> Optional[str]:
     """Whether fused_scale_shift computes x * (k + scale) + shift exactly for an x of
     x_shape (contiguous, as our ops pass it): None, or why not."""
     if len(x_shape) != 3:
@@ -216,18 +227,16 @@ def modulation_reason(x_shape, scale: Optional[Tensor], shift: Optional[Tensor],
     if scale is None:
         return "shift without scale"
     b, l, d = x_shape
-    if scale.numel() == 1:
+    if known(scale.numel() == 1):
         scale_kind = "scalar"
-    elif scale.numel() == d and scale.ndim >= 1 and scale.shape[-1] == d:
+    elif _is_vector(scale, d):
         scale_kind = "vector"
     else:
         return (f"scale of shape {tuple(scale.shape)} is per-batch/per-frame/per-token; fused_scale_shift "
                 f"reads one scale of 1 or D={d} values for every row")
-    if shift is None or shift.numel() == 1:
+    if shift is None or known(shift.numel() == 1) or _is_vector(shift, d):
         full = False
-    elif shift.numel() == d and shift.shape[-1] == d:
-        full = False
-    elif shift.numel() == b * l * d and torch.broadcast_shapes(tuple(shift.shape), x_shape) == tuple(x_shape):
+    elif known(shift.numel() == b * l * d) and _broadcasts_to(shift.shape, x_shape):
         if not shift.is_contiguous():
             return "full-size shift is not contiguous"
         full = True
@@ -240,7 +249,15 @@ def modulation_reason(x_shape, scale: Optional[Tensor], shift: Optional[Tensor],
     return None
 
 
-def _rope_reason(out_shape, cos: Tensor, sin: Tensor, interleaved: bool) -> Optional[str]:
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        out = torch.broadcast_shapes(tuple(shape), tuple(target))
+    except RuntimeError:
+        return False
+    return len(out) == len(target) and all(known(a == b) for a, b in zip(out, target))
+
+
+def _rope_reason(out_shape, cos: TensorSpec, sin: TensorSpec, interleaved: bool) -> Optional[str]:
     if cos.is_complex() or sin.is_complex():
         return "complex cos/sin table"
     if len(out_shape) != 4:
@@ -261,36 +278,68 @@ def _rope_reason(out_shape, cos: Tensor, sin: Tensor, interleaved: bool) -> Opti
     return None
 
 
-def supports(family: str, site: dict) -> Optional[str]:
-    """None if the NPU kernels compute this site exactly; else the reason (site -> Inductor)."""
-    if family in ("rms_norm", "variance", "rsqrt_mul"):
-        return _float_ok(_tensor(site.get("x")), _tensor(site.get("weight")))
-    if family == "scale_shift":
-        a, b, c = _tensor(site["a"]), _tensor(site["b"]), _tensor(site.get("c"))
-        if a is None or b is None:
-            return "scale_shift operands are not tensors"
-        reason = _float_ok(a, b, c)
-        if reason is None and not a.is_contiguous():
-            reason = "x is not contiguous"
-        return reason or modulation_reason(tuple(a.shape), b, c, site["k"])
-    if family == "norm_scale_shift":
-        ts = [_tensor(site.get(k)) for k in ("x", "residual", "gate", "weight", "bias", "scale", "shift")]
-        reason = _float_ok(*ts)
+def _weight_reason(x: TensorSpec, weight: Optional[TensorSpec]) -> Optional[str]:
+    """fused_rsqrt_mul reads C weight values for a [.., C] x (and the result keeps x's shape)."""
+    if weight is None:
+        return None
+    if x.ndim == 0 or not _is_vector(weight, x.shape[-1]) or weight.ndim > x.ndim:
+        return f"weight of shape {tuple(weight.shape)} is not one value per column of x {tuple(x.shape)}"
+    return None
+
+
+def _rms(site) -> Optional[str]:
+    return _float_ok(site) or _weight_reason(site.x, getattr(site, "weight", None))
+
+
+def _scale_shift(site: ScaleShiftSite) -> Optional[str]:
+    reason = _float_ok(site)
+    if reason is None and not site.a.is_contiguous():
+        reason = "x is not contiguous"
+    return reason or modulation_reason(tuple(site.a.shape), site.b, site.c, site.k)
+
+
+def _norm_scale_shift(site: NormScaleShiftSite) -> Optional[str]:
+    reason = _float_ok(site)
+    if reason:
+        return reason
+    try:
+        r_shape = torch.broadcast_shapes(*[t.shape for t in (site.x, site.residual, site.gate) if t is not None])
+    except RuntimeError:
+        return "x, residual and gate do not broadcast"
+    if site.is_rms:
+        reason = _weight_reason(TensorSpec(tuple(r_shape), (), site.x.dtype, site.x.device), site.weight)
         if reason:
             return reason
-        x, residual, gate, _, _, scale, shift = ts
-        r_shape = torch.broadcast_shapes(*[t.shape for t in (x, residual, gate) if t is not None])
-        if scale is None and shift is None:
-            return None if site["is_rms"] else "LayerNorm without modulation: no NPU kernel to add"
-        return modulation_reason(tuple(r_shape), scale, shift, site["k"])
-    if family == "qk_norm_rope":
-        if not site.get("is_rms", True):
-            return "LayerNorm q/k: the NPU lowering has RMSNorm kernels only"
-        x, cos, sin = _tensor(site["x"]), _tensor(site["cos"]), _tensor(site["sin"])
-        reason = _float_ok(x, _tensor(site.get("weight")))
-        if reason:
-            return reason
-        out_shape = (*x.shape[:-1], site["num_heads"], x.shape[-1] // site["num_heads"]) \
-            if site["across_heads"] else tuple(x.shape)
-        return _rope_reason(tuple(out_shape), cos, sin, site["interleaved"])
-    return f"no NPU kernel for {family}"
+    if site.scale is None and site.shift is None:
+        return None if site.is_rms else "LayerNorm without modulation: no NPU kernel to add"
+    return modulation_reason(tuple(r_shape), site.scale, site.shift, site.k)
+
+
+def _qk_norm_rope(site: QKNormRopeSite) -> Optional[str]:
+    if not site.is_rms or site.bias is not None:
+        return "LayerNorm q/k: the NPU lowering has RMSNorm kernels only"
+    if site.cos.is_complex() or site.sin.is_complex():
+        return "complex cos/sin table"
+    reason = _float_ok(site) or _weight_reason(site.x, site.weight)
+    if reason:
+        return reason
+    if site.across_heads and not known(site.x.shape[-1] % site.num_heads == 0):
+        return f"width {site.x.shape[-1]} is not {site.num_heads} heads of one size"
+    return _rope_reason(tuple(site.out_shape), site.cos, site.sin, site.interleaved)
+
+
+_RULES = {
+    RMSNormSite: _rms,
+    VarianceSite: _rms,
+    RsqrtMulSite: _rms,
+    ScaleShiftSite: _scale_shift,
+    NormScaleShiftSite: _norm_scale_shift,
+    QKNormRopeSite: _qk_norm_rope,
+}
+
+
+def supports(site) -> Optional[str]:
+    """None if the NPU kernels compute this site (a typed record) exactly; else the reason
+    (site -> Inductor)."""
+    rule = _RULES.get(type(site))
+    return rule(site) if rule else f"no NPU kernel for {site.FAMILY}"

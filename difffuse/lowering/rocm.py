@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..patterns.common import val
+from .sites import NormScaleShiftSite, RMSNormSite, TensorSpec, known, specs
 
 try:
     import aiter as _aiter
@@ -101,43 +101,67 @@ def norm_scale_shift(x, residual, gate, weight, bias, scale, shift, eps: float, 
 IMPLS = {"rms_norm": rms_norm, "norm_scale_shift": norm_scale_shift}
 
 
-def _t(x) -> Optional[Tensor]:
-    t = val(x)
-    return t if isinstance(t, torch.Tensor) else None
-
-
-def _weight_reason(weight: Optional[Tensor], x: Tensor) -> Optional[str]:
-    if weight is None or weight.dtype == x.dtype:
+# ------------------------------------------------------------------ eligibility
+# Stated once per kernel, from the typed site record alone (lowering/sites.py). aiter gets
+# contiguous 2-D copies (`_rmsnorm2d*`), so operand strides never matter.
+def _weight_reason(weight: Optional[TensorSpec], x: TensorSpec) -> Optional[str]:
+    if weight is None:
+        return None
+    d = x.shape[-1]
+    if weight.ndim == 0 or weight.ndim > x.ndim or not known(weight.shape[-1] == d) or not known(weight.numel() == d):
+        return f"weight of shape {tuple(weight.shape)} is not one value per column of x {tuple(x.shape)}"
+    if weight.dtype == x.dtype:
         return None
     if x.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16):
         return None  # widening the weight loses nothing
     return f"weight dtype {weight.dtype} != input dtype {x.dtype} (aiter takes the weight in the input's dtype)"
 
 
-def supports(family: str, site: dict) -> Optional[str]:
-    """None if aiter computes the site exactly as the reference op; else the reason."""
-    if family == "rms_norm":
-        x = _t(site["x"])
-        if x.dtype not in DTYPES:
-            return f"input dtype {x.dtype}: aiter takes fp16/bf16/fp32"
-        if site["out_dtype"] != x.dtype and x.dtype != torch.float32:
-            return f"output dtype {site['out_dtype']} wider than the {x.dtype} aiter writes"
-        return _weight_reason(_t(site.get("weight")), x)
-    if family == "norm_scale_shift":
-        if not site["is_rms"]:
-            return "LayerNorm: aiter has no fused add + LayerNorm wired here"
-        extra = [k for k in ("gate", "bias", "scale", "shift") if site.get(k) is not None]
-        if extra:
-            return f"has {', '.join(extra)}: rmsnorm2d_fwd_with_add is residual add + RMSNorm only"
-        x, residual = _t(site["x"]), _t(site.get("residual"))
-        if residual is None:
-            return "no residual: plain rms_norm"
-        if x.dtype not in DTYPES:
-            return f"input dtype {x.dtype}: aiter takes fp16/bf16/fp32"
-        if tuple(residual.shape) != tuple(x.shape):
-            return f"residual {tuple(residual.shape)} broadcasts against x {tuple(x.shape)}"
-        if not (residual.dtype == x.dtype == site["residual_dtype"] == site["out_dtype"]):
-            return (f"mixed dtypes (x {x.dtype}, residual {residual.dtype}, r {site['residual_dtype']}, "
-                    f"out {site['out_dtype']}): aiter computes everything in the input's dtype")
-        return _weight_reason(_t(site.get("weight")), x)
-    return f"no aiter kernel for {family}"
+def _common(site) -> Optional[str]:
+    for t in specs(site):
+        if t.dtype not in DTYPES:
+            return f"dtype {t.dtype}: aiter takes fp16/bf16/fp32"
+        if t.has_zero_dim():
+            return f"zero-size operand {tuple(t.shape)}: left to Inductor"
+    if site.x.ndim == 0:
+        return "0-d input"
+    return None
+
+
+def _rms_norm(site: RMSNormSite) -> Optional[str]:
+    x = site.x
+    reason = _common(site)
+    if reason:
+        return reason
+    if site.out_dtype != x.dtype and x.dtype != torch.float32:
+        return f"output dtype {site.out_dtype} wider than the {x.dtype} aiter writes"
+    return _weight_reason(site.weight, x)
+
+
+def _norm_scale_shift(site: NormScaleShiftSite) -> Optional[str]:
+    if not site.is_rms:
+        return "LayerNorm: aiter has no fused add + LayerNorm wired here"
+    extra = [k for k in ("gate", "bias", "scale", "shift") if getattr(site, k) is not None]
+    if extra:
+        return f"has {', '.join(extra)}: rmsnorm2d_fwd_with_add is residual add + RMSNorm only"
+    x, residual = site.x, site.residual
+    if residual is None:
+        return "no residual: plain rms_norm"
+    reason = _common(site)
+    if reason:
+        return reason
+    if len(residual.shape) != len(x.shape) or not all(known(a == b) for a, b in zip(residual.shape, x.shape)):
+        return f"residual {tuple(residual.shape)} broadcasts against x {tuple(x.shape)}"
+    if not (residual.dtype == x.dtype == site.residual_dtype == site.out_dtype):
+        return (f"mixed dtypes (x {x.dtype}, residual {residual.dtype}, r {site.residual_dtype}, "
+                f"out {site.out_dtype}): aiter computes everything in the input's dtype")
+    return _weight_reason(site.weight, x)
+
+
+_RULES = {RMSNormSite: _rms_norm, NormScaleShiftSite: _norm_scale_shift}
+
+
+def supports(site) -> Optional[str]:
+    """None if aiter computes the site (a typed record) exactly as the reference op; else the reason."""
+    rule = _RULES.get(type(site))
+    return rule(site) if rule else f"no aiter kernel for {site.FAMILY}"

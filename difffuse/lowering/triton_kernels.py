@@ -2,7 +2,10 @@
 
 Every tensor operand is read through its own strides over the output's leading dims
 (at most three, see ``index_plan``), so broadcast modulation (``[B, 1, D]``, ``[1, 1, D]``,
-per token, per frame) and non-contiguous inputs need no copy. Outputs are contiguous.
+per token, per frame) and non-contiguous inputs need no copy; weights and biases (one value
+per column) are read with their last-dim stride, so ``W[:, 0]`` of a ``[D, 2]`` parameter is
+read in place too. Outputs are contiguous. An empty output (a zero-size dim, D = 0 too) is
+returned as allocated, with no launch.
 Each launcher is a ``torch.library.triton_op``: called eagerly it launches the kernel;
 traced under functionalization (``cuda.trace_replacement``) it becomes Inductor's
 user-defined-Triton-kernel node, which the generated code launches directly.
@@ -76,6 +79,19 @@ def index_plan(shape, operands, inner: int = 1):
     return [dims[1][0], dims[2][0]], strides, lead
 
 
+def vstride(t: Optional[Tensor]):
+    """The stride between a per-column vector's (weight, bias) values: its last dim's (0 for
+    a single value or a 0-d tensor, which every column reads)."""
+    if t is None or t.ndim == 0 or statically_known_true(t.shape[-1] == 1):
+        return 0
+    return t.stride(-1)
+
+
+def empty(shape) -> bool:
+    """The output has no elements (provably, whatever the symbols): nothing to launch."""
+    return any(statically_known_true(s == 0) for s in shape)
+
+
 def rows(shape, inner: int = 1) -> int:
     n = 1
     for s in shape[: len(shape) - inner]:
@@ -101,7 +117,7 @@ def _at(P, i0, i1, i2, s0, s1, s2):
 
 # ------------------------------------------------------------------ rms_norm
 @triton.jit
-def rms_norm_kernel(X, W, Y, N1, N2, sx0, sx1, sx2, sxd, eps, D: tl.constexpr,
+def rms_norm_kernel(X, W, Y, N1, N2, sx0, sx1, sx2, sxd, swd, eps, D: tl.constexpr,
                     HAS_W: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr):
     """y = x * rsqrt(mean(x², -1) + eps) [* w]."""
     eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64, which would widen the math
@@ -111,19 +127,21 @@ def rms_norm_kernel(X, W, Y, N1, N2, sx0, sx1, sx2, sxd, eps, D: tl.constexpr,
     x = tl.load(_at(X, i0, i1, i2, sx0, sx1, sx2) + cols * sxd, mask=m, other=0.0).to(tl.float32)
     y = x * tl.rsqrt(tl.sum(x * x, 0) / D + eps)
     if HAS_W:
-        y = y * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols * swd, mask=m, other=0.0).to(tl.float32)
     tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=m)
 
 
 @triton_op("difffuse::triton_rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype) -> Tensor:
-    d = x.shape[-1]
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    w = weight.reshape(-1) if weight is not None else None
+    shape = torch.broadcast_shapes(x.shape, weight.shape) if weight is not None else x.shape
+    d = shape[-1]
+    y = torch.empty(shape, dtype=out_dtype, device=x.device)
+    if empty(shape):
+        return y
     b = block(d)
-    sizes, (sx,), lead = index_plan(x.shape, [x])
-    launch(rms_norm_kernel, (rows(x.shape),), x, w, y, *sizes, *sx, eps, D=d,
-           HAS_W=w is not None, LEAD=lead, BLOCK=b, num_warps=warps(b, "rms_norm"))
+    sizes, (sx,), lead = index_plan(shape, [x])
+    launch(rms_norm_kernel, (rows(shape),), x, weight, y, *sizes, *sx, vstride(weight), eps, D=d,
+           HAS_W=weight is not None, LEAD=lead, BLOCK=b, num_warps=warps(b, "rms_norm"))
     return y
 
 
@@ -149,6 +167,8 @@ def scale_shift_kernel(A, B, C, Y, N1, N2, sa0, sa1, sa2, sad, sb0, sb1, sb2, sb
 def scale_shift(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype) -> Tensor:
     shape = torch.broadcast_shapes(a.shape, b.shape, *([c.shape] if c is not None else []))
     y = torch.empty(shape, dtype=out_dtype, device=a.device)
+    if empty(shape):
+        return y
     d = shape[-1]
     bl = block(d)
     sizes, (sa, sb, sc), lead = index_plan(shape, [a, b, c])
@@ -162,7 +182,7 @@ def scale_shift(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: 
 def norm_scale_shift_kernel(
         X, RES, G, W, BIAS, SC, SH, OUT, R, N1, N2,
         sx0, sx1, sx2, sxd, sr0, sr1, sr2, srd, sg0, sg1, sg2, sgd,
-        ss0, ss1, ss2, ssd, sh0, sh1, sh2, shd, eps, k, D: tl.constexpr,
+        ss0, ss1, ss2, ssd, sh0, sh1, sh2, shd, swd, sbd, eps, k, D: tl.constexpr,
         HAS_RES: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SC: tl.constexpr, HAS_SH: tl.constexpr, IS_RMS: tl.constexpr, STORE_R: tl.constexpr,
         LEAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -190,9 +210,9 @@ def norm_scale_shift_kernel(
         diff = tl.where(m, r - tl.sum(r, 0) / D, 0.0)
         n = diff * tl.rsqrt(tl.sum(diff * diff, 0) / D + eps)
     if HAS_W:
-        n = n * tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        n = n * tl.load(W + cols * swd, mask=m, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        n = n + tl.load(BIAS + cols, mask=m, other=0.0).to(tl.float32)
+        n = n + tl.load(BIAS + cols * sbd, mask=m, other=0.0).to(tl.float32)
     if HAS_SC:
         n = n * (tl.load(_at(SC, i0, i1, i2, ss0, ss1, ss2) + cols * ssd, mask=m, other=0.0).to(tl.float32) + k)
     if HAS_SH:
@@ -202,15 +222,16 @@ def norm_scale_shift_kernel(
 
 def _norm_launch(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, out, r):
     shape = out.shape
+    if empty(shape):
+        return
     d = shape[-1]
     bl = block(d)
-    w = weight.reshape(-1) if weight is not None else None
-    bi = bias.reshape(-1) if bias is not None else None
     sizes, (sx, sr, sg, ss, sh), lead = index_plan(shape, [x, residual, gate, scale, shift])
     launch(norm_scale_shift_kernel, (rows(shape),),
-           x, residual, gate, w, bi, scale, shift, out, r, *sizes, *sx, *sr, *sg, *ss, *sh, eps, k, D=d,
-           HAS_RES=residual is not None, HAS_G=gate is not None, HAS_W=w is not None,
-           HAS_BIAS=bi is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
+           x, residual, gate, weight, bias, scale, shift, out, r, *sizes, *sx, *sr, *sg, *ss, *sh,
+           vstride(weight), vstride(bias), eps, k, D=d,
+           HAS_RES=residual is not None, HAS_G=gate is not None, HAS_W=weight is not None,
+           HAS_BIAS=bias is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
            IS_RMS=is_rms, STORE_R=r is not None, LEAD=lead, BLOCK=bl,
            num_warps=warps(bl, "norm_scale_shift" if r is not None else "norm_modulate"))
 
@@ -260,12 +281,13 @@ def _pairs(P, h, HD: tl.constexpr, BHALF: tl.constexpr, sh, sd, m, INTERLEAVED: 
 
 
 @triton.jit
-def _qk_chunk(xa, xb, r, eps, hh, m, W, ba, bb, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd, yp, Y_TY: tl.constexpr,
-              ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-              IS_RMS: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr, BHALF: tl.constexpr, FLAT: tl.constexpr,
-              SHARED_TABLE: tl.constexpr):
+def _qk_chunk(xa, xb, r, eps, hh, m, W, B, swd, sbd, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd, yp,
+              Y_TY: tl.constexpr, ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, FULL: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_RMS: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr,
+              BHALF: tl.constexpr, FLAT: tl.constexpr, SHARED_TABLE: tl.constexpr):
     """Heads `hh` of one token, pair halves (xa, xb) loaded: normalise (by `r` across heads,
-    else per head), affine, rope, store."""
+    else per head), affine (weight and bias read with their strides: one row per head across
+    heads, one row shared by the heads per head), rope, store."""
     if not IS_RMS:  # centre; pairs past HD/2 (non-FLAT padding) stay 0
         mu = (tl.sum(xa + xb, 1) / HD)[:, None]
         pv = tl.arange(0, BHALF)[None, :] < HD // 2
@@ -275,26 +297,30 @@ def _qk_chunk(xa, xb, r, eps, hh, m, W, ba, bb, ca, cb, sa, sb, crow, srow, sch,
         r = tl.rsqrt(tl.sum(xa * xa + xb * xb, 1) / HD + eps)[:, None]
     na = xa * r
     nb = xb * r
+    one = tl.arange(0, 1)[:, None]
     if HAS_W:
-        if ACROSS:  # one weight row per head
-            wa, wb = _pairs(W, hh, HD, BHALF, HD, 1, m, INTERLEAVED, FLAT)
-        else:  # one weight row shared by the heads
-            one = tl.arange(0, 1)[:, None]
-            wa, wb = _pairs(W, one, HD, BHALF, 0, 1, one < 1, INTERLEAVED, FLAT)
+        if ACROSS:
+            wa, wb = _pairs(W, hh, HD, BHALF, HD * swd, swd, m, INTERLEAVED, FLAT)
+        else:
+            wa, wb = _pairs(W, one, HD, BHALF, 0, swd, one < 1, INTERLEAVED, FLAT)
         na = na * wa
         nb = nb * wb
     if HAS_B:
+        if ACROSS:
+            ba, bb = _pairs(B, hh, HD, BHALF, HD * sbd, sbd, m, INTERLEAVED, FLAT)
+        else:
+            ba, bb = _pairs(B, one, HD, BHALF, 0, sbd, one < 1, INTERLEAVED, FLAT)
         na = na + ba
         nb = nb + bb
     if not SHARED_TABLE:
         ca, cb = _pairs(crow, hh, HD, BHALF, sch, scd, m, INTERLEAVED, FLAT)
         sa, sb = _pairs(srow, hh, HD, BHALF, ssh, ssd, m, INTERLEAVED, FLAT)
-    if INTERLEAVED:
-        ya = na * ca - nb * sb
-        yb = na * sb + nb * ca
-    else:
+    if FULL:  # each output element reads its own entries (neox; interleaved stack form)
         ya = na * ca - nb * sa
         yb = nb * cb + na * sb
+    else:  # interleaved, half tables: a pair reads cos[2i] and sin[2i+1]
+        ya = na * ca - nb * sb
+        yb = na * sb + nb * ca
     y = tl.join(ya, yb)  # [heads, pairs, 2]
     if FLAT:
         if INTERLEAVED:
@@ -312,15 +338,16 @@ def _qk_chunk(xa, xb, r, eps, hh, m, W, ba, bb, ca, cb, sa, sb, crow, srow, sch,
 @triton.jit
 def qk_norm_rope_kernel(
         X, W, B, COS, SIN, Y, N1, N2, H,
-        sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, eps,
-        ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-        IS_RMS: tl.constexpr, LEAD: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr, BHALF: tl.constexpr,
-        FLAT: tl.constexpr, SHARED_TABLE: tl.constexpr, ONE_CHUNK: tl.constexpr, TOKENS: tl.constexpr):
+        sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, swd, sbd, eps,
+        ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, FULL: tl.constexpr, HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr, IS_RMS: tl.constexpr, LEAD: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr,
+        BHALF: tl.constexpr, FLAT: tl.constexpr, SHARED_TABLE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+        TOKENS: tl.constexpr):
     """One token, HC heads at a time: n = rms_norm(x) over all heads (ACROSS) or per head,
-    [* w]; or, per head only (not IS_RMS), n = layer_norm(x) = (x - mean) * rsqrt(var + eps)
-    [* w] [+ b]; y = rope(n) on pairs (a, b) = (2i, 2i+1) (interleaved) or (i, i + HD/2) (neox):
-    interleaved: ya = na*cos[a] - nb*sin[b], yb = na*sin[b] + nb*cos[a];
-    neox:        ya = na*cos[a] - nb*sin[a], yb = nb*cos[b] + na*sin[b].
+    or n = layer_norm(x) = (x - mean) * rsqrt(var + eps) per head (not IS_RMS); [* w] [+ b];
+    y = rope(n) on pairs (a, b) = (2i, 2i+1) (interleaved) or (i, i + HD/2) (neox):
+    FULL (neox, or interleaved with full tables): ya = na*cos[a] - nb*sin[a], yb = nb*cos[b] + na*sin[b];
+    interleaved, half tables:                     ya = na*cos[a] - nb*sin[b], yb = na*sin[b] + nb*cos[a].
     ACROSS over several chunks: a first pass sums the squares, the second re-reads x from
     cache; ONE_CHUNK (HC >= H): x is read once and kept in registers.
     SHARED_TABLE: cos/sin are the same for every head, read once per token.
@@ -346,12 +373,10 @@ def qk_norm_rope_kernel(
     crow = _at(COS, i0, i1, i2, sc0, sc1, sc2)
     srow = _at(SIN, i0, i1, i2, ss0, ss1, ss2)
     yrow = Y + row * H * HD
-    ca, cb, sa, sb, ba, bb = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0  # set below where used
+    ca, cb, sa, sb = 0.0, 0.0, 0.0, 0.0  # set below where used
     if SHARED_TABLE:
         ca, cb = _pairs(crow, one, HD, BHALF, 0, scd, one < 1, INTERLEAVED, FLAT)
         sa, sb = _pairs(srow, one, HD, BHALF, 0, ssd, one < 1, INTERLEAVED, FLAT)
-    if HAS_B:
-        ba, bb = _pairs(B, one, HD, BHALF, 0, 1, one < 1, INTERLEAVED, FLAT)
     tl.static_assert(IS_RMS or not ACROSS, "LayerNorm is per head only")
     if ONE_CHUNK:
         m = h < hlim
@@ -359,8 +384,9 @@ def qk_norm_rope_kernel(
         r = 1.0
         if ACROSS:
             r = tl.rsqrt(tl.sum(tl.sum(xa * xa + xb * xb, 1), 0) / (H * HD) + eps)
-        _qk_chunk(xa, xb, r, eps, h, m, W, ba, bb, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd, yrow + h * HD,
-                  Y.dtype.element_ty, ACROSS, INTERLEAVED, HAS_W, HAS_B, IS_RMS, HD, HC, BHALF, FLAT, SHARED_TABLE)
+        _qk_chunk(xa, xb, r, eps, h, m, W, B, swd, sbd, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd,
+                  yrow + h * HD, Y.dtype.element_ty, ACROSS, INTERLEAVED, FULL, HAS_W, HAS_B, IS_RMS, HD, HC,
+                  BHALF, FLAT, SHARED_TABLE)
     else:
         r = 1.0
         if ACROSS:
@@ -373,9 +399,9 @@ def qk_norm_rope_kernel(
             hh = c + h
             m = hh < H
             xa, xb = _pairs(xrow, hh, HD, BHALF, sxh, sxd, m, INTERLEAVED, FLAT)
-            _qk_chunk(xa, xb, r, eps, hh, m, W, ba, bb, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd, yrow + hh * HD,
-                      Y.dtype.element_ty, ACROSS, INTERLEAVED, HAS_W, HAS_B, IS_RMS, HD, HC, BHALF, FLAT,
-                      SHARED_TABLE)
+            _qk_chunk(xa, xb, r, eps, hh, m, W, B, swd, sbd, ca, cb, sa, sb, crow, srow, sch, scd, ssh, ssd,
+                      yrow + hh * HD, Y.dtype.element_ty, ACROSS, INTERLEAVED, FULL, HAS_W, HAS_B, IS_RMS, HD,
+                      HC, BHALF, FLAT, SHARED_TABLE)
 
 
 # num_heads -> (heads per program chunk, num_warps) for the qk kernel, measured on an H200
@@ -407,13 +433,14 @@ def tokens_per_program(num_heads: int, across_heads: bool, head_dim: int) -> int
 @triton_op("difffuse::triton_qk_norm_rope", mutates_args=())
 def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, eps: float, num_heads: int,
                  across_heads: bool, interleaved: bool, out_dtype: torch.dtype, bias: Optional[Tensor] = None,
-                 is_rms: bool = True) -> Tensor:
-    xv = x.unflatten(-1, (num_heads, -1)) if across_heads else x
-    shape = xv.shape
-    hd = shape[-1]
+                 is_rms: bool = True, full_tables: bool = False) -> Tensor:
+    shape = (*x.shape[:-1], num_heads, x.shape[-1] // num_heads if num_heads else 0) if across_heads \
+        else tuple(x.shape)
     y = torch.empty(shape, dtype=out_dtype, device=x.device)
-    w = weight.reshape(-1) if weight is not None else None
-    b = bias.reshape(-1) if bias is not None else None
+    if empty(shape):
+        return y
+    xv = x.unflatten(-1, (num_heads, -1)) if across_heads else x
+    hd = shape[-1]
     hc, bhalf = heads_per_chunk(num_heads), block(hd // 2)
     sizes, (sx, sc, ss), lead = index_plan(shape, [xv, cos, sin], inner=2)
     shared = statically_known_true(sc[3] == 0) and statically_known_true(ss[3] == 0)
@@ -422,8 +449,9 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
         hc, shared = tokens, False
         sx[3], sc[3], ss[3] = sx[2], sc[2], ss[2]
         grid = grid // sizes[1] * ((sizes[1] + tokens - 1) // tokens)
-    launch(qk_norm_rope_kernel, (grid,), xv, w, b, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss, eps,
-           ACROSS=across_heads, INTERLEAVED=interleaved, HAS_W=w is not None, HAS_B=b is not None,
+    launch(qk_norm_rope_kernel, (grid,), xv, weight, bias, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss,
+           vstride(weight), vstride(bias), eps, ACROSS=across_heads, INTERLEAVED=interleaved,
+           FULL=full_tables or not interleaved, HAS_W=weight is not None, HAS_B=bias is not None,
            IS_RMS=is_rms, LEAD=lead, HD=hd, HC=hc,
            BHALF=bhalf, FLAT=hd == 2 * bhalf, SHARED_TABLE=shared, ONE_CHUNK=hc >= num_heads, TOKENS=tokens,
            num_warps=QK_HEADS[num_heads][1] if num_heads in QK_HEADS and tokens == 1
