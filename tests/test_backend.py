@@ -109,12 +109,39 @@ def test_inductor_false_runs_rewritten_graph_eagerly():
     assert_close(out, m(x))
 
 
-def test_mode_is_accepted():
+def test_mode_reaches_inductor(monkeypatch):
+    """`mode=` keeps its Inductor meaning: the config patches include `list_mode_options(mode)`
+    and the compile runs under them (seen from inside the pass, which Inductor runs within
+    its config), with the difffuse rewrite still applied."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
+
+    from difffuse.fusion_pass import backend
+    from difffuse.fusion_pass.config import parse_options
+
+    mode = "max-autotune-no-cudagraphs"
+    want = list_mode_options(mode)
+    patches = dict(parse_options(None, mode).inductor_options)
+    assert want and {k: patches.get(k) for k in want} == want
+    default = inductor_config.get_config_copy()
+    assert any(default[k] != v for k, v in want.items())  # else the check below proves nothing
+    seen = {}
+
+    class Spy(pass_manager.DifffusePass):
+        def __call__(self, graph):
+            cfg = inductor_config.get_config_copy()
+            seen.update({k: cfg[k] for k in want})
+            return super().__call__(graph)
+
+    monkeypatch.setattr(backend, "DifffusePass", Spy)
+    monkeypatch.setenv("DIFFFUSE_LOWERING", "reference")  # mode= cannot come with options=
     m, x = Block().eval(), torch.randn(3, 16)
     torch._dynamo.reset()
     difffuse.reset_report()
     with torch.no_grad():
-        out = torch.compile(m, backend="difffuse", mode="max-autotune-no-cudagraphs")(x)
+        out = torch.compile(m, backend="difffuse", mode=mode)(x)
+    assert seen == want
+    assert difffuse.report().matches() == {"rms_norm": 1}
     assert_close(out, m(x))
 
 
@@ -204,3 +231,22 @@ def test_report_right_on_warm_cache_in_second_process(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
     assert "MATCHES {'rms_norm': 1} CACHED False" in runs[0].stdout
     assert "MATCHES {'rms_norm': 1} CACHED True" in runs[1].stdout
+
+
+def test_graph_without_operations_is_known_empty():
+    """Inductor returns a graph with no call nodes as is, running no passes: that is a known
+    zero (with a note), not a cache hit with unknown counts."""
+    from difffuse.fusion_pass.backend import difffuse_backend
+
+    class Swap(nn.Module):
+        def forward(self, x, y):
+            return (y, x)
+
+    difffuse.reset_report()
+    a, b = torch.randn(3), torch.randn(3)
+    with torch.no_grad():
+        out = difffuse_backend(torch.fx.symbolic_trace(Swap()), [a, b], options={"lowering": "reference"})(a, b)
+    rep = difffuse.report()
+    assert out[0] is b and out[1] is a
+    assert rep.unknown == [] and rep.matches() == {} and not rep.graphs[0].cached
+    assert "no operations to compile" in rep.graphs[0].notes[0]
