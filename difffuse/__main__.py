@@ -46,11 +46,14 @@ def main(argv=None) -> int:
             out = torch.compile(model, backend="difffuse", options=options)(**kwargs)[0]
     rep = difffuse.report()
     print(rep)
-    if not args.regional:
+    if rep.unknown:
+        print("site coverage: unknown (a cached graph without a difffuse record; run with a fresh "
+              "TORCHINDUCTOR_CACHE_DIR to recount)")
+    elif not args.regional:
         from difffuse.testing import sites
 
         model_sites = sites.count_eager_sites(model, kwargs)
-        print(sites.format_table(args.model, sites.coverage(model_sites, rep)))
+        print(sites.format_table(args.model, sites.coverage(model_sites, rep), model_sites))
     print(f"model {args.model}, {args.layers} layers, {args.dtype}, {'regional' if args.regional else 'full'}"
           f" compile, lowering {lowering}: max |compiled - eager| = {(out.float() - ref.float()).abs().max():.3g}")
     return 0

@@ -1,8 +1,10 @@
 """Beyond Wan: tiny Flux, Qwen-Image, HunyuanVideo, LTX-Video and CogVideoX transformers
 (random init, built from configs) compiled whole with difffuse. For each: the exact matches
-per family, the site table (norms, modulations, ropes counted in eager by
-`difffuse.testing.sites`, against the modules each match covers), every unfused site with
-its reason, and the output close to eager (fp32 and bf16)."""
+per family and the site table (norms, modulations, ropes counted in eager by
+`difffuse.testing.sites`, against the modules each match covers), both derived from the
+number of blocks (difffuse.testing.expected), every site fused, and the output close to
+eager (fp32 and bf16). The fp32 compiles are shared with test_report_honesty, which checks
+that every unfused site would be a reported miss."""
 from __future__ import annotations
 
 import pytest
@@ -11,70 +13,46 @@ import torch
 import difffuse
 from conftest import TOL
 from difffuse.testing import sites
+from difffuse.testing.compiled import compile_tiny
+from difffuse.testing.expected import expected, expected_sites
 from difffuse.testing.tiny_dits import DITS
 
 pytest.importorskip("diffusers")
 
 LAYERS = 2  # double- and single-stream stacks alike
-
-# per model, with LAYERS blocks in each stack: matches per family, and (fused, sites) per kind
-EXPECTED = {
-    "flux-tiny": ({"qk_norm_rope": 8, "norm_scale_shift": 11, "scale_shift": 4, "linear_gelu": 6},
-                  {"norm": (23, 23), "modulation": (11, 11), "rope": (8, 8)}),
-    "qwen-image-tiny": ({"qk_norm_rope": 8, "norm_scale_shift": 8, "rms_norm": 1, "linear_gelu": 3},
-                        {"norm": (17, 17), "modulation": (8, 8), "rope": (8, 8)}),
-    "hunyuan-video-tiny": ({"qk_norm_rope": 8, "norm_scale_shift": 12, "rms_norm": 4, "scale_shift": 7,
-                            "linear_gelu": 6},
-                           {"norm": (24, 25), "modulation": (11, 11), "rope": (8, 8)}),
-    "ltx-video-tiny": ({"qk_norm_rope": 4, "norm_scale_shift": 5, "rms_norm": 4, "scale_shift": 2,
-                        "linear_gelu": 3},
-                       {"norm": (13, 13), "modulation": (5, 5), "rope": (4, 4)}),
-    "cogvideox-tiny": ({"qk_norm_rope": 4, "norm_scale_shift": 10, "linear_gelu": 2},
-                       {"norm": (14, 14), "modulation": (9, 9), "rope": (4, 4)}),
-}
-# unfused sites every model is allowed, with the words their reason must contain
-KNOWN_MISSES = {
-    "hunyuan-video-tiny": {"context_embedder.token_refiner.refiner_blocks.0.norm1": "no family covers it"},
-}
+# LayerNorms no family is for (no residual before, no modulation after, no rope): not sites
+PLAIN = {"hunyuan-video-tiny": {"context_embedder.token_refiner.refiner_blocks.0.norm1": 1}}
 CASES = [(m, d) for m in DITS for d in (torch.float32, torch.bfloat16)]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{str(c[1]).split('.')[-1]}")
 def compiled(request):
     name, dtype = request.param
-    model, kwargs = DITS[name](num_layers=LAYERS, dtype=dtype)
-    eager_sites = sites.count_eager_sites(model, kwargs)
-    torch._dynamo.reset()
-    difffuse.reset_report()
-    with torch.no_grad():
-        ref = model(**kwargs)[0]
-        out = torch.compile(model, backend="difffuse", options={"lowering": "reference"})(**kwargs)[0]
-    rep = difffuse.report()
-    return name, dtype, ref, out, rep, sites.coverage(eager_sites, rep)
+    c = compile_tiny(name, LAYERS, dtype)
+    return name, dtype, c.ref, c.out, c.report, c.coverage(), c.eager
 
 
 def test_exact_matches(compiled):
-    name, _, _, _, rep, _ = compiled
-    assert rep.matches() == EXPECTED[name][0], (str(rep), rep.variants())
+    name, dtype, _, _, rep, _, _ = compiled
+    assert rep.matches() == expected(name, LAYERS, dtype=dtype), (str(rep), rep.variants())
 
 
 def test_site_table(compiled):
-    name, _, _, _, _, table = compiled
+    name, _, _, _, _, table, eager = compiled
     got = {k: (t["fused"], t["sites"]) for k, t in table.items()}
-    assert got == EXPECTED[name][1], sites.format_table(name, table)
+    want = {k: (n, n) for k, n in expected_sites(name, LAYERS).items()}
+    assert got == want, sites.format_table(name, table, eager)
 
 
-def test_every_unfused_site_is_known_with_its_reason(compiled):
-    name, _, _, _, _, table = compiled
+def test_every_site_fused_and_plain_norms_known(compiled):
+    name, _, _, _, _, table, eager = compiled
     missed = {p: m["reason"] for t in table.values() for p, m in t["missed"].items()}
-    known = KNOWN_MISSES.get(name, {})
-    assert set(missed) == set(known), sites.format_table(name, table)
-    for path, words in known.items():
-        assert words in missed[path], (path, missed[path])
+    assert missed == {}, sites.format_table(name, table, eager)
+    assert dict(eager.plain) == PLAIN.get(name, {}), sites.format_table(name, table, eager)
 
 
 def test_close_to_eager(compiled):
-    _, dtype, ref, out, _, _ = compiled
+    _, dtype, ref, out, _, _, _ = compiled
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out.float(), ref.float(), rtol=rtol * 5, atol=atol * 5)
 
@@ -110,6 +88,7 @@ def test_cuda_lowering_takes_every_rope_site(name):
         out = torch.compile(model, backend="difffuse", options={"lowering": "cuda"})(**kwargs)[0]
     rep = difffuse.report()
     table = sites.coverage(eager, rep)
-    assert table["rope"]["fused"] == table["rope"]["sites"] > 0, sites.format_table(name, table)
+    want = expected_sites(name, 1)["rope"]
+    assert table["rope"]["fused"] == table["rope"]["sites"] == want, sites.format_table(name, table, eager)
     rtol, atol = TOL[torch.bfloat16]
     torch.testing.assert_close(out.float(), ref.float(), rtol=5 * rtol, atol=5 * atol)

@@ -189,6 +189,39 @@ def test_near_miss_does_not_match(name):
     assert_outputs_close(out, ref, torch.bfloat16 if name == "r_narrowed_for_norm" else torch.float32)
 
 
+def _rms_residual_pow(exponent):
+    def fn(m, h, x, mod):
+        r = h + x
+        n = r * torch.rsqrt(r.pow(exponent).mean(-1, keepdim=True) + 1e-6) * m.rms.weight
+        return n * (1 + mod[:, 1, None]) + mod[:, 0, None], r
+    return fn
+
+
+@pytest.mark.parametrize("only_nss", [False, True], ids=["all_families", "norm_scale_shift_only"])
+@pytest.mark.parametrize("exponent", [2, 3], ids=["square", "cube"])
+def test_cube_not_square_rejected_by_the_exponent_check(exponent, only_nss):
+    """residual -> `r * rsqrt(mean(r**e) + eps) * w` -> modulation: with e = 2 it fuses as the
+    one/direct/rms/w/mod variant, so with e = 3 the structure is that variant's and only the
+    exponent check turns it away (with norm_scale_shift alone nothing else could). All
+    families on: the RMS core is rms_norm's anchor and its miss names the exponent; the
+    modulation left over fuses as a plain scale_shift. mean(r**3) is kept positive (no NaN)."""
+    torch.manual_seed(0)
+    m = Block(_rms_residual_pow(exponent)).eval()
+    h, mod = torch.randn(B, L, D) + 8, torch.randn(B, 6, D)
+    with torch.no_grad():
+        ref = m(h, mod)
+    assert (ref[1].pow(3).mean(-1) > 0).all()
+    out, rep = compile_and_run(m, h, mod, options={"patterns": ["norm_scale_shift"]} if only_nss else None)
+    if exponent == 2:
+        assert rep.variants() == {"norm_scale_shift:one/direct/rms/w/mod": 1} and not rep.misses, str(rep)
+    else:
+        assert rep.matches().get("norm_scale_shift", 0) == 0 and rep.matches().get("rms_norm", 0) == 0, \
+            rep.variants()
+        misses = [(x.family, x.reason) for x in rep.misses]
+        assert misses == ([] if only_nss else [("rms_norm", "mean of x**3, not of x**2")]), str(rep)
+    assert_outputs_close(out, ref, torch.float32)
+
+
 def test_ln_over_other_dim_reported_as_miss():
     _, _, rep = run(_ln_dim1, None, torch.float32)
     reasons = [x.reason for x in rep.misses if x.family == "norm_scale_shift"]

@@ -84,7 +84,6 @@ NEAR_MISSES = {
     "wrong_dim": lambda m, h: h * torch.rsqrt(h.pow(2).mean(1, keepdim=True) + 1e-6) * m.weight,
     "variance_not_meansq": lambda m, h: h * torch.rsqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-6) * m.weight,
     "eps_outside_rsqrt": lambda m, h: h * (torch.rsqrt(h.pow(2).mean(-1, keepdim=True)) + 1e-6) * m.weight,
-    "cube_not_square": lambda m, h: h * torch.rsqrt(h.pow(3).abs().mean(-1, keepdim=True) + 1e-6) * m.weight,
     "sum_div_wrong_n": lambda m, h: h * torch.rsqrt((h * h).sum(-1, keepdim=True) / 7 + 1e-6),
     "normalises_other_tensor": lambda m, h: (h + 1) * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6),
     "eps_is_tensor": lambda m, h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + m.eps_t) * m.weight,
@@ -103,6 +102,28 @@ def test_near_miss_does_not_match(name):
     out, rep = compile_and_run(m, x)
     assert rep.matches().get("rms_norm", 0) == 0, rep.variants()
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("exponent", [2, 3], ids=["square", "cube"])
+def test_cube_not_square_rejected_by_the_exponent_check(exponent):
+    """`h * rsqrt(mean(h**e) + eps) * w`: with e = 2 the pow/mean variant fuses, so with
+    e = 3 the structure is that variant's and only the exponent check can turn it away;
+    the miss names the exponent. h is kept positive so that the cube's mean is too."""
+    torch.manual_seed(0)
+    m = Lambda(lambda m, h: h * torch.rsqrt(h.pow(exponent).mean(-1, keepdim=True) + 1e-6) * m.weight).eval()
+    with torch.no_grad():
+        m.proj.bias += 8
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        ref = m(x)
+    assert (m.proj(x) > 0).all()
+    out, rep = compile_and_run(m, x)
+    if exponent == 2:
+        assert rep.variants() == {"rms_norm:cast_none/pow/mean/x_r/w": 1} and not rep.misses, str(rep)
+    else:
+        assert rep.matches() == {}, rep.variants()
+        assert [(x.family, x.reason) for x in rep.misses] == [("rms_norm", "mean of x**3, not of x**2")], str(rep)
+    assert_close(out, ref)
 
 
 def test_weight_over_other_dim_is_not_absorbed():

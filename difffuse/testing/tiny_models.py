@@ -81,8 +81,29 @@ def wan_ti2v(num_layers: int = 2, dtype=torch.float32, frames: int = 3, height: 
     return model, kwargs
 
 
+def wan_df(num_layers: int = 2, dtype=torch.float32, frames: int = 3, height: int = 8, width: int = 8,
+           batch: int = 1, seed: int = 0):
+    """Wan with per-frame modulation: SkyReels-V2 diffusion forcing (diffusers'
+    `SkyReelsV2Transformer3DModel`, called as its diffusion-forcing pipeline calls it:
+    `enable_diffusion_forcing=True`, one timestep per latent frame `[B, F]`, `fps`).
+    The per-frame modulation is repeated over each frame's tokens to `[B, 6, L, D]`; the
+    DF checkpoints set `inject_sample_info` (an fps embedding added to the modulation)."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    model = SkyReelsV2Transformer3DModel(num_layers=num_layers, inject_sample_info=True, **WAN_BASE).eval()
+    to_dtype(model, dtype)
+    # the pipeline's own fps_embeds: [0 if fps == 16 else 1] * batch (a list, turned into a tensor inside)
+    kwargs = dict(hidden_states=torch.randn(batch, 4, frames, height, width, dtype=dtype),
+                  timestep=torch.randint(0, 1000, (batch, frames)),
+                  encoder_hidden_states=torch.randn(batch, 7, 16, dtype=dtype),
+                  enable_diffusion_forcing=True, fps=[1] * batch, return_dict=False)
+    return model, kwargs
+
+
 MODELS: dict[str, Callable] = {
     "wan-t2v-tiny": wan_t2v,
     "wan-i2v-tiny": wan_i2v,
     "wan-ti2v-tiny": wan_ti2v,
+    "wan-df-tiny": wan_df,
 }

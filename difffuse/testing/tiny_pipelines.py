@@ -8,13 +8,14 @@ from __future__ import annotations
 import torch
 
 TEXT_DIM = 32
+LAYERS = 2  # transformer blocks of every tiny pipeline
 
 
 def _transformer(in_channels=16, out_channels=16, **extra):
     from diffusers import WanTransformer3DModel
 
     cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
-               out_channels=out_channels, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2,
+               out_channels=out_channels, text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=LAYERS,
                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
     cfg.update(extra)
     return WanTransformer3DModel(**cfg).eval()
@@ -91,3 +92,5 @@ def to_dtype_pipeline(pipe, dtype):
 
 
 PIPELINES = {"t2v": wan_t2v_pipeline, "i2v": wan_i2v_pipeline, "ti2v": wan_ti2v_pipeline}
+# the tiny model (difffuse.testing.tiny_models / expected) whose structure each pipeline's transformer has
+MODEL_OF = {"t2v": "wan-t2v-tiny", "i2v": "wan-i2v-tiny", "ti2v": "wan-ti2v-tiny"}
