@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns.common import aten, is_number
+from ..patterns.common import CONVERT, aten, is_number
 
 
 def hoist_unsqueeze(graph: torch.fx.Graph) -> int:
@@ -46,9 +46,17 @@ def hoist_unsqueeze(graph: torch.fx.Graph) -> int:
 _LAYOUTS = (None, torch.contiguous_format, torch.preserve_format)
 
 
+def _layer_norm_reads(node: torch.fx.Node) -> bool:
+    """node is read only by one LayerNorm: its var_mean and the centring `sub(node, mean)`."""
+    users = list(node.users)
+    vms = [u for u in users if u.target == aten.var_mean.correction and u.args[0] is node]
+    return len(vms) == 1 and all(u is vms[0] or (u.target == aten.sub.Tensor and u.args[0] is node and not u.kwargs)
+                                 for u in users)
+
+
 def drop_norm_layout_clones(graph: torch.fx.Graph) -> int:
     """Rewrite a LayerNorm that reads `clone(t)` (var_mean and the centring sub, nothing
-    else) to read t."""
+    else; or one dtype cast of the clone that only they read: the bf16 form) to read t."""
     done = 0
     for c in list(graph.find_nodes(op="call_function", target=aten.clone.default)):
         t = c.args[0]
@@ -56,9 +64,8 @@ def drop_norm_layout_clones(graph: torch.fx.Graph) -> int:
                 and set(c.kwargs) <= {"memory_format"} and c.kwargs.get("memory_format") in _LAYOUTS):
             continue
         users = list(c.users)
-        vms = [u for u in users if u.target == aten.var_mean.correction and u.args[0] is c]
-        if len(vms) != 1 or not all(u is vms[0] or (u.target == aten.sub.Tensor and u.args[0] is c and not u.kwargs)
-                                    for u in users):
+        if not (_layer_norm_reads(c) or (len(users) == 1 and users[0].target == CONVERT
+                                         and _layer_norm_reads(users[0]))):
             continue
         c.replace_all_uses_with(t)
         graph.erase_node(c)
