@@ -5,6 +5,8 @@ families so their tables need one variant, not two.
   `norm(x) * (1 + scale)[:, None, :]` (CogVideoX, AdaLayerNormContinuous) becomes the
   `norm(x) * (1 + scale[:, None])` form (Flux, Wan). Indexing commutes with adding a
   number, so the values are identical in every dtype.
+- `unsqueeze(mean(x, [d]), d)` -> `mean(x, [d], keepdim=True)` (and sum): RMSNorm written
+  with keepdim=False and the dim put back.
 - `var_mean(clone(t)), sub(clone(t), mean)` -> the same on `t`: LayerNorm's decomposition
   copies a non-contiguous input to a contiguous one (a residual sum that inherits the
   patch embedding's transposed layout: Wan with per-token or per-frame modulation). A
@@ -73,6 +75,39 @@ def drop_norm_layout_clones(graph: torch.fx.Graph) -> int:
     return done
 
 
+_REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList)
+
+
+def keepdim_reductions(graph: torch.fx.Graph) -> int:
+    """Rewrite `unsqueeze(mean(x, [d]), d)` (keepdim False, the reduced dim put back) as
+    `mean(x, [d], keepdim=True)` (same for sum): the same values in the same shape, the one
+    spelling the norm patterns match (`x.pow(2).mean(-1).unsqueeze(-1)`)."""
+    done = 0
+    for u in list(graph.find_nodes(op="call_function", target=aten.unsqueeze.default)):
+        r = u.args[0]
+        if not (isinstance(r, torch.fx.Node) and r.target in _REDUCTIONS and len(r.users) == 1
+                and len(r.args) in (2, 3) and (len(r.args) == 2 or r.args[2] is False)):
+            continue
+        x, dims = r.args[0], r.args[1]
+        xv = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if not (isinstance(xv, torch.Tensor) and isinstance(dims, (list, tuple)) and len(dims) == 1
+                and isinstance(dims[0], int) and isinstance(u.args[1], int)):
+            continue
+        nd = xv.ndim
+        d, ud = dims[0] % nd if nd else dims[0], u.args[1] % nd if nd else u.args[1]
+        if d != ud:
+            continue
+        with graph.inserting_before(u):
+            new = graph.call_function(r.target, (x, [d], True), dict(r.kwargs))
+            new.meta.update(u.meta)
+        u.replace_all_uses_with(new)
+        graph.erase_node(u)
+        graph.erase_node(r)
+        done += 1
+    return done
+
+
 def canonicalize(graph: torch.fx.Graph) -> None:
     hoist_unsqueeze(graph)
+    keepdim_reductions(graph)
     drop_norm_layout_clones(graph)

@@ -254,6 +254,7 @@ class PassContext:
         self.module = module
         self.record = record
         self.rejected: dict[torch.fx.Node, str] = {}
+        self.current: tuple = ("?", "?")  # (family, variant) whose replacement is being built
 
     def supports(self, site) -> Optional[str]:
         """The lowering's one eligibility predicate, on a typed site record."""
@@ -271,12 +272,17 @@ class PassContext:
         match.replace_by_example(fn, args, trace_fn=getattr(self.module, "trace_replacement", None))
         for n in graph.nodes:
             if n not in before:
-                n.meta["difffuse_replacement"] = True
+                n.meta["difffuse_replacement"] = self.current
 
 
 def inserted(node: torch.fx.Node) -> bool:
     """The node was put there by a difffuse replacement."""
     return bool(node.meta.get("difffuse_replacement"))
+
+
+def inserted_by(node) -> tuple:
+    """(family, variant) of the replacement that put node there, else ()."""
+    return tuple(node.meta.get("difffuse_replacement") or ()) if isinstance(node, torch.fx.Node) else ()
 
 
 class Family:
@@ -358,6 +364,7 @@ class Family:
             site = match._difffuse_site
             modules = module_paths(list(match.nodes) + list(site.get("norm_nodes", ())))
             before = list(match.graph.nodes)
+            ctx.current = (family.name, variant.name)
             try:
                 family.replace(match, variant, site, ctx)
             except Exception as exc:  # noqa: BLE001

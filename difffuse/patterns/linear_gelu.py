@@ -18,7 +18,7 @@ import math
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from .common import CONVERT, Family, Variant, aten, cast, val
+from .common import CONVERT, Family, Variant, aten, cast, is_number, val
 
 GELU_CONSTANTS = {"half": 0.5, "cubic": 0.044715, "sqrt_2_over_pi": math.sqrt(2 / math.pi), "one": 1}
 
@@ -86,9 +86,7 @@ class LinearGeluPattern(Family):
             h = arg.args[0].args[0] if isinstance(arg.args[0], torch.fx.Node) and arg.args[0].args else None
             if isinstance(h, torch.fx.Node) and h.target == CONVERT:
                 h = h.args[0]
-            if isinstance(h, torch.fx.Node) and h.target in (aten.reshape.default, aten.view.default):
-                h = h.args[0]
-            if getattr(h, "target", None) == aten.addmm.default:
+            if _is_linear_output(h):
                 found.append(n)
         return found
 
@@ -111,3 +109,33 @@ class LinearGeluPattern(Family):
 
 
 FAMILY = LinearGeluPattern()
+
+
+def _is_linear_output(h, depth: int = 3) -> bool:
+    """h is a Linear's output: addmm, or mm (+ a bias add), through views (a non-contiguous
+    3-D input decomposes to view -> mm -> view -> add(bias), which no variant spells), or
+    the `sum(x * w) + b` that Inductor makes of a one-row Linear (a matrix-vector product)."""
+    while isinstance(h, torch.fx.Node) and depth:
+        if h.target in (aten.addmm.default, aten.mm.default) or _is_decomposed_mv(h):
+            return True
+        if h.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+            h = h.args[0]
+        elif h.target == aten.add.Tensor and isinstance(h.args[0], torch.fx.Node):
+            h = h.args[0]
+        else:
+            return False
+        depth -= 1
+    return False
+
+
+def _is_decomposed_mv(h) -> bool:
+    """`add(mul(sum(mul(x, w), [d]), 1), mul(b, 1))`: Inductor's decomposition of a small addmm."""
+    if h.target != aten.add.Tensor:
+        return False
+    for a in h.args:
+        while isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor and is_number(a.args[1]):
+            a = a.args[0]
+        if isinstance(a, torch.fx.Node) and a.target == aten.sum.dim_IntList and getattr(
+                a.args[0], "target", None) == aten.mul.Tensor:
+            return True
+    return False

@@ -38,14 +38,16 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, MultiOutputPattern
 
-from .common import CONVERT, Family, Variant, aten, cast, inserted, is_last_dim_vector, is_number, is_upcast, val
+from .common import (CONVERT, VIEW_OPS, Family, Variant, aten, cast, inserted, inserted_by, is_last_dim_vector,
+                     is_number, is_upcast, val)
 from .rms_norm import ADD_EPS, rms_core
 from .scale_shift import broadcast_kind, strip_upcast
 
 RESIDUALS = ("gate_xg", "gate_gx", "one", "none")  # larger first: the first match wins
 ROUNDINGS = ("direct", "cast", "roundtrip", "mixed")
 # (modulation, cast between norm and modulation, cast at the end)
-TAILS = ((True, False, True), (True, True, False), (True, False, False), (False, False, True), (False, False, False))
+TAILS = ((True, True, True), (True, False, True), (True, True, False), (True, False, False), (False, False, True),
+         (False, False, False))
 
 
 def layer_norm(nin):
@@ -61,6 +63,8 @@ def affine_reason(kw, d, what: str = "") -> str | None:
     """A norm's weight / bias (where matched) must be last-dim vectors that are parameters:
     a computed [.., D] factor is a modulation, not an affine."""
     for name in ("weight", "bias"):
+        if name in kw and not isinstance(val(kw[name]), torch.Tensor):
+            return f"{what}{name} is the number {kw[name]!r}, not a parameter tensor"
         if name in kw and not is_last_dim_vector(kw[name], d):
             return f"{what}{name} of shape {tuple(val(kw[name]).shape)} is not a last-dim vector"
         if name in kw and strip_upcast(kw[name]).op not in ("placeholder", "get_attr"):
@@ -138,8 +142,8 @@ class NormScaleShiftPattern(Family):
             src = vm.args[0]
             while isinstance(src, torch.fx.Node) and src.target in (CONVERT, aten.clone.default):
                 src = src.args[0]
-            has_residual = isinstance(src, torch.fx.Node) and src.target == aten.add.Tensor and all(
-                isinstance(a, torch.fx.Node) for a in src.args)
+            has_residual = isinstance(src, torch.fx.Node) and (src.target == aten.add.Tensor and all(
+                isinstance(a, torch.fx.Node) for a in src.args) or _is_fused_residual(src))
             if has_residual or _feeds_modulation(vm):
                 found.append(vm)
         return found
@@ -230,23 +234,42 @@ def _check_residual(match, info, kw, r_node, r_shape):
     return xn, gate
 
 
+def _fused_by_scale_shift(node, with_k: bool) -> bool:
+    """node is part of a scale_shift replacement: a modulation `a*(k+b)+c` (with_k) or a
+    gated residual `c + a*b` (the variants say which)."""
+    by = inserted_by(node)
+    return len(by) == 2 and by[0] == "scale_shift" and ("+k)" in by[1]) == with_k
+
+
+def _is_fused_residual(node) -> bool:
+    """node is a gated residual `c + a*b` that scale_shift fused."""
+    return _fused_by_scale_shift(node, with_k=False)
+
+
 def _is_k_plus(node) -> bool:
     """node is `scale + k` with a literal k (the AdaLN factor)."""
     return isinstance(node, torch.fx.Node) and node.target == aten.add.Tensor and any(is_number(a) for a in node.args)
 
 
+_NORM_STEPS = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsqrt.default, operator.getitem, CONVERT,
+               *VIEW_OPS, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default)
+
+
 def _feeds_modulation(vm: torch.fx.Node) -> bool:
-    """A LayerNorm output (within a few elementwise steps) multiplied by (k + scale)."""
+    """A LayerNorm output (within a few elementwise steps and views) multiplied by
+    (k + scale), or read by a modulation another family fused (`difffuse::scale_shift`
+    with k != 0: the norm itself was left, and is reported)."""
     frontier, seen = list(vm.users), 0
-    while frontier and seen < 12:
+    while frontier and seen < 16:
         node = frontier.pop()
         seen += 1
         if node.target == aten.mul.Tensor and any(
                 isinstance(a, torch.fx.Node) and a.target == aten.add.Tensor and is_number(a.args[1])
                 for a in node.args):
             return True
-        if node.target in (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsqrt.default,
-                           operator.getitem, CONVERT):
+        if _fused_by_scale_shift(node, with_k=True):
+            return True
+        if node.target in _NORM_STEPS:
             frontier.extend(node.users)
     return False
 

@@ -122,6 +122,8 @@ class RMSNormPattern(Family):
         if tuple(ov.shape) != tuple(xv.shape):
             return f"output shape {tuple(ov.shape)} differs from input {tuple(xv.shape)} (broadcast weight)"
         w = match.kwargs.get("w")
+        if w is not None and not isinstance(val(w), torch.Tensor):
+            return f"the weight is the number {w!r}, not a tensor: a scaled norm, not an affine weight"
         if w is not None and not is_last_dim_vector(w, site["D"]):
             return f"weight of shape {tuple(val(w).shape)} does not broadcast along the last dim only"
         if variant.info["tail"].startswith("cast_w"):

@@ -59,8 +59,11 @@ def strip_upcast(node):
 
 
 def from_modulation_table(node, depth: int = 8) -> bool:
-    """node is a chunk of a modulation table: getitem(split/unbind(...)) through views/casts."""
+    """node is a chunk of a modulation table: getitem(split/unbind(...)), or one row picked
+    by index (`mod[:, 2]`: select), through views/casts."""
     while depth and isinstance(node, torch.fx.Node):
+        if node.target == aten.select.int:
+            return True
         if node.target == operator.getitem:
             src = node.args[0]
             return isinstance(src, torch.fx.Node) and src.target in _SPLITS
