@@ -27,10 +27,16 @@ def fresh(kind="t2v", device="cuda"):
     return pipe.to(device) if device else pipe
 
 
-def fused_everything():
+# TI2V's per-token modulation is computed in the graph: the CUDA lowering leaves it to
+# Inductor on purpose (cuda._computed_per_token, measured slower), a reported miss
+PER_TOKEN_DECLINE = "is computed in the graph: Inductor fuses it"
+
+
+def fused_everything(allowed=()):
     rep = difffuse.report()
     assert all(g.lowering == "cuda" for g in rep.graphs if g.matches), str(rep)
-    assert rep.matches().get("qk_norm_rope", 0) > 0 and rep.misses == [], str(rep)
+    unexpected = [m for m in rep.misses if not any(a in m.reason for a in allowed)]
+    assert rep.matches().get("qk_norm_rope", 0) > 0 and unexpected == [], str(rep)
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v", "ti2v"])
@@ -39,7 +45,7 @@ def test_cuda_pipeline_matches_eager(kind):
     ref = call(pipe, kind)
     pipe.transformer.compile_repeated_blocks(backend="difffuse")
     out = call(pipe, kind)
-    fused_everything()
+    fused_everything(allowed=(PER_TOKEN_DECLINE,) if kind == "ti2v" else ())
     np.testing.assert_allclose(out, ref, atol=2e-3)
 
 

@@ -111,6 +111,9 @@ class LinearGeluPattern(Family):
 FAMILY = LinearGeluPattern()
 
 
+VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
 def _is_linear_output(h, depth: int = 3) -> bool:
     """h is a Linear's output: addmm, or mm (+ a bias add), through views (a non-contiguous
     3-D input decomposes to view -> mm -> view -> add(bias), which no variant spells), or
@@ -118,10 +121,11 @@ def _is_linear_output(h, depth: int = 3) -> bool:
     while isinstance(h, torch.fx.Node) and depth:
         if h.target in (aten.addmm.default, aten.mm.default) or _is_decomposed_mv(h):
             return True
-        if h.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        if h.target in VIEWS:
             h = h.args[0]
-        elif h.target == aten.add.Tensor and isinstance(h.args[0], torch.fx.Node):
-            h = h.args[0]
+        elif h.target == aten.add.Tensor and len(h.args) == 2:  # the bias add, either order
+            h = next((a for a in h.args if isinstance(a, torch.fx.Node)
+                      and a.target in (aten.mm.default, *VIEWS)), h.args[0])
         else:
             return False
         depth -= 1

@@ -177,7 +177,8 @@ class ScaleShiftPattern(Family):
 
 
 def _looks_gated(add: torch.fx.Node, mul: torch.fx.Node, res: torch.fx.Node) -> bool:
-    """`res + x*gate` with a full-size res and x and a per-batch or modulation-table gate."""
+    """`res + x*gate` with a full-size res and x and a gate check() would take: broadcast
+    (scalar, per channel, per batch), or full-size / per-frame from a modulation table."""
     ov, rv = val(add), val(res)
     if not (isinstance(ov, torch.Tensor) and isinstance(rv, torch.Tensor)) or tuple(rv.shape) != tuple(ov.shape):
         return False
@@ -186,8 +187,9 @@ def _looks_gated(add: torch.fx.Node, mul: torch.fx.Node, res: torch.fx.Node) -> 
         return False
     for x, g in (ops, ops[::-1]):
         if tuple(val(x).shape) == tuple(ov.shape):
+            # the gates check() accepts: any broadcast one, a full or per-frame one from a table
             kind = broadcast_kind(val(g).shape, ov.shape)
-            if kind == "batch" or (kind in ("full", "frame") and from_modulation_table(g)):
+            if kind in ("scalar", "channel", "batch") or (kind in ("full", "frame") and from_modulation_table(g)):
                 return True
     return False
 

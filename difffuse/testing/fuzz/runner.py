@@ -68,7 +68,16 @@ def load(case: Case):
     spec = importlib.util.spec_from_file_location(f"difffuse_fuzz_case_{abs(hash(path))}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.make()
+    module, inputs = mod.make()
+    if DEVICE != "cpu":  # real kernels on a GPU (dense strides are kept; sliced inputs become dense)
+        module = module.to(DEVICE)
+        inputs = tuple(t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in inputs)
+    return module, inputs
+
+
+# where cases run: "cpu" (the CUDA lowering's kernels under TRITON_INTERPRET=1) or, on a
+# GPU machine, DIFFFUSE_FUZZ_DEVICE=cuda to fuzz the real Triton kernels
+DEVICE = os.environ.get("DIFFFUSE_FUZZ_DEVICE", "cpu")
 
 
 @dataclasses.dataclass
