@@ -48,6 +48,18 @@ def compile_and_run(module, *args, options=None, dynamic=None, fullgraph=False, 
     return out, difffuse.report()
 
 
+def without_attention(matches: dict) -> dict:
+    """A report's matches less the attention family: the family tables of the coverage tests
+    predate it, and tests/test_attention.py asserts the attention counts of the same models."""
+    return {f: n for f, n in matches.items() if f != "attention"}
+
+
+def non_attention_misses(rep) -> list:
+    """The misses of every family but attention (whose lowering may have no kernel yet:
+    "the cuda lowering has no attention kernel"; test_attention.py checks those)."""
+    return [m for m in rep.misses if m.family != "attention"]
+
+
 @pytest.fixture
 def run_compiled():
     return compile_and_run

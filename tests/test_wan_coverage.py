@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import difffuse
-from conftest import TOL
+from conftest import TOL, without_attention
 from difffuse.testing.tiny_models import MODELS
 
 pytest.importorskip("diffusers")
@@ -55,7 +55,7 @@ def compiled_case(request):
 
 def test_exact_matches(compiled_case):
     name, regional, dtype, _, _, rep = compiled_case
-    assert rep.matches() == expected(name, regional, LAYERS), (str(rep), rep.variants())
+    assert without_attention(rep.matches()) == expected(name, regional, LAYERS), (str(rep), rep.variants())
 
 
 def test_no_misses(compiled_case):
@@ -75,7 +75,7 @@ def test_counts_scale_with_layers():
     difffuse.reset_report()
     with torch.no_grad():
         torch.compile(model, backend="difffuse", options={"lowering": "reference"})(**kwargs)
-    assert difffuse.report().matches() == expected("wan-t2v-tiny", False, 3)
+    assert without_attention(difffuse.report().matches()) == expected("wan-t2v-tiny", False, 3)
 
 
 def test_dynamic_resolutions_no_recompile_matches_kept():
@@ -97,4 +97,4 @@ def test_dynamic_resolutions_no_recompile_matches_kept():
             graphs_after_first = graphs_after_first or len(difffuse.report().graphs)
     rep = difffuse.report()
     assert len(rep.graphs) == graphs_after_first, str(rep)  # no recompile
-    assert rep.matches() == expected("wan-t2v-tiny", False, 1)
+    assert without_attention(rep.matches()) == expected("wan-t2v-tiny", False, 1)

@@ -147,7 +147,8 @@ def coverage(eager: EagerSites, report) -> dict:
     sites, present = report.sites(), report.modules()
     misses = {}
     for m in report.misses:
-        misses.setdefault(m.module, m.reason)
+        if m.family != "attention":  # an attention call is none of these kinds (it shares the attn path)
+            misses.setdefault(m.module, m.reason)
     kinds = (("norm", eager.norms, lambda f, v: True), ("modulation", eager.modulated, _modulating),
              ("rope", eager.ropes, lambda f, v: f == "qk_norm_rope"))
     table = {}
