@@ -5,6 +5,7 @@ import dataclasses
 import os
 from typing import Any, Mapping, Optional
 
+from ..families import DEFAULTS as DEFAULT_PATTERNS
 from ..families import NAMES as PATTERN_NAMES
 
 LOWERING_NAMES = ("auto", "reference", "cuda", "rocm", "npu", "musa", "inductor")
@@ -14,7 +15,7 @@ DIFFFUSE_KEYS = ("lowering", "patterns", "inductor")
 @dataclasses.dataclass(frozen=True)
 class FusionConfig:
     lowering: str = "auto"
-    patterns: tuple[str, ...] = PATTERN_NAMES
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
     inductor: bool = True
     inductor_options: tuple[tuple[str, Any], ...] = ()
     disabled: bool = False
@@ -35,7 +36,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
 
     options = dict(options or {})
     lowering = options.pop("lowering", "auto")
-    patterns = options.pop("patterns", PATTERN_NAMES)
+    patterns = options.pop("patterns", DEFAULT_PATTERNS)
     run_inductor = options.pop("inductor", True)
     valid_inductor = set(inductor_config.get_config_copy().keys())
     unknown = sorted(k for k in options if k not in valid_inductor)

@@ -4,11 +4,13 @@ Each op is the contract every device lowering implements with the same signature
 The reference implementation is pure PyTorch, computes in fp32 and returns
 ``out_dtype``; it is the numerics oracle for the tests and the ``"reference"``
 lowering. Fake implementations only compute shapes, so they work with symbolic
-shapes. Every op returns contiguous tensors (the fake ones say so; Inductor checks
-the strides of a custom op's outputs against them).
+shapes. Every op returns contiguous tensors except attention's `out`, which is
+[B, H, L, D] over [B, L, H, D] memory (the fake ones say so; Inductor checks the
+strides of a custom op's outputs against them).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -237,7 +239,41 @@ def _(x, weight, bias, out_dtype):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
+# ---------------------------------------------------------------- attention
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool
+                  ) -> tuple[Tensor, Tensor]:
+    """Exact softmax attention, per batch b and head h (q [B, H, Lq, D], k [B, H, Lkv, D],
+    v [B, H, Lkv, Dv]; fp32 math, fp64 kept):
+        s[i, j]  = scale * <q[i], k[j]>          scale = 1/sqrt(D) when None
+                   (-inf where j > i if is_causal: SDPA's top-left alignment)
+        lse[i]   = log(sum_j exp(s[i, j]))        fp32, [B, H, Lq]
+        out[i]   = sum_j exp(s[i, j] - lse[i]) * v[j]    in q's dtype
+    `out` is returned as [B, H, Lq, Dv] over [B, Lq, H, Dv] memory (the layout flash
+    kernels write; diffusers transposes it back to [B, L, H, D]), `lse` contiguous."""
+    qf, kf, vf = _f32(q), _f32(k), _f32(v)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), vf).to(q.dtype)
+    return out.transpose(1, 2).contiguous().transpose(1, 2), lse.float().contiguous()
+
+
+@torch.library.custom_op(f"{LIB}::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool) -> tuple[Tensor, Tensor]:
+    return attention_ref(q, k, v, scale, is_causal)
+
+
+@attention.register_fake
+def _(q, k, v, scale, is_causal):
+    b, h, lq = q.shape[0], q.shape[1], q.shape[2]
+    out = q.new_empty((b, lq, h, v.shape[-1])).transpose(1, 2)
+    return out, q.new_empty((b, h, lq), dtype=torch.float32)
+
+
 REFERENCE = {
+    "attention": torch.ops.difffuse.attention.default,
     "rms_norm": torch.ops.difffuse.rms_norm.default,
     "scale_shift": torch.ops.difffuse.scale_shift.default,
     "norm_scale_shift": torch.ops.difffuse.norm_scale_shift.default,

@@ -171,5 +171,23 @@ class LinearGeluSite:
     out_dtype: torch.dtype
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionSite:
+    """One exact attention call: q [B, H, Lq, D], k [B, H, Lkv, D], v [B, H, Lkv, Dv] (the
+    `[B, H, L, D]` views SDPA got, strides as they come), no mask, no dropout, equal head
+    counts. scale None = 1/sqrt(D); is_causal only with Lq == Lkv (where top-left and
+    bottom-right alignment agree). `lse_used`: the graph reads the logsumexp (ring
+    attention merges partial outputs by it), so the kernel must return it. `source`: the
+    aten op the call replaces (`_scaled_dot_product_flash_attention_for_cpu`, ...)."""
+    FAMILY: ClassVar[str] = "attention"
+    q: TensorSpec
+    k: TensorSpec
+    v: TensorSpec
+    scale: Optional[float]
+    is_causal: bool
+    lse_used: bool
+    source: str = ""
+
+
 SITE_TYPES = {cls.FAMILY: cls for cls in (RMSNormSite, VarianceSite, RsqrtMulSite, ScaleShiftSite,
-                                          NormScaleShiftSite, QKNormRopeSite, LinearGeluSite)}
+                                          NormScaleShiftSite, QKNormRopeSite, LinearGeluSite, AttentionSite)}

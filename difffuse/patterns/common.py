@@ -107,17 +107,18 @@ def module_paths(nodes) -> list[str]:
 
 
 # ------------------------------------------------------------------ proofs every match needs
-def unnamed_kwargs_reason(match: Match) -> Optional[str]:
+def unnamed_kwargs_reason(match: Match, read: tuple = ()) -> Optional[str]:
     """Inductor's matcher ignores node kwargs a pattern does not name (`add(a, b, alpha=2)`
     matches a pattern for `add(a, b)`; `mean(x, dims, True, dtype=...)` one for the mean).
-    Every matched node's unnamed kwargs must hold their schema defaults."""
+    Every matched node's unnamed kwargs must hold their schema defaults, except those in
+    `read`: kwargs the family's check reads from the node itself (attention's scale, mask)."""
     for pat, node in match.ctx.pattern_to_node.items():
         if not (isinstance(pat, _TargetArgsExpr) and isinstance(node, torch.fx.Node)) or not node.kwargs:
             continue
         schema = getattr(node.target, "_schema", None)
         defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()} if schema else {}
         for key, value in node.kwargs.items():
-            if key in pat.kwargs:
+            if key in pat.kwargs or key in read:
                 continue
             if key not in defaults or not _same_constant(value, defaults[key]):
                 return f"{_op_name(node)} has {key}={value!r}, which the fused op does not compute"
@@ -154,13 +155,26 @@ def casts_reason(nodes, out_dtypes) -> Optional[str]:
     return None
 
 
-def match_reason(match: Match) -> Optional[str]:
+def output_values(match: Match) -> list:
+    """What the match's outputs compute; of a multi-output node (attention's (out, lse, ...)),
+    the values the graph reads through getitem."""
+    found = []
+    for n in output_nodes(match):
+        v = val(n)
+        if isinstance(v, (tuple, list)):
+            found += [val(u) for u in n.users if u.target == operator.getitem]
+        else:
+            found.append(v)
+    return found
+
+
+def match_reason(match: Match, read_kwargs: tuple = ()) -> Optional[str]:
     """The proofs shared by every family, made before the family's own check."""
-    outs = [val(n) for n in output_nodes(match)]
+    outs = output_values(match)
     out_dtypes = {t.dtype for t in outs if isinstance(t, torch.Tensor)}
     if any(not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_TYPES for t in outs):
         return "an output is not a floating-point tensor"
-    return unnamed_kwargs_reason(match) or casts_reason(match.nodes, out_dtypes)
+    return unnamed_kwargs_reason(match, read_kwargs) or casts_reason(match.nodes, out_dtypes)
 
 
 def _inputs(site: dict) -> list[torch.fx.Node]:
@@ -326,7 +340,7 @@ class Family:
         check, then the lowering's eligibility on the typed records. Never raises: a check
         that fails on an unforeseen graph turns the site away with the error as its reason."""
         try:
-            site = match_reason(match) or self.check(match, variant)
+            site = match_reason(match, variant.info.get("reads_kwargs", ())) or self.check(match, variant)
             if isinstance(site, str):
                 return site
             reason = dependency_reason(match, site)

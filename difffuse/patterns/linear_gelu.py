@@ -137,7 +137,8 @@ def _is_decomposed_mv(h) -> bool:
     if h.target != aten.add.Tensor:
         return False
     for a in h.args:
-        while isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor and is_number(a.args[1]):
+        while isinstance(a, torch.fx.Node) and (a.target == aten.mul.Tensor and is_number(a.args[1]) or a.target in (
+                *VIEWS, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default)):
             a = a.args[0]
         if isinstance(a, torch.fx.Node) and a.target == aten.sum.dim_IntList and getattr(
                 a.args[0], "target", None) == aten.mul.Tensor:
