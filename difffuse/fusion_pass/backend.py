@@ -101,13 +101,13 @@ class _InnerCompile:
         self.called = True
         gkey = _graph_key(gm, example_inputs, self.cfg)
         has_calls = _has_calls(gm)
-        self.fusion.record_key, self.fusion.ran = gkey, False  # the pass saves under the graph key
+        self.fusion.record_key, self.fusion.record = gkey, None  # the pass saves under the graph key
         compiled = compile_fx_inner(gm, example_inputs, *args, **kwargs)
         ikey = getattr(compiled, "_fx_graph_cache_key", None)  # Inductor's own key (hit or miss)
         ikey = f"inductor-{ikey}" if isinstance(ikey, str) and ikey else None
-        if self.fusion.ran:  # a miss: the pass recorded this graph (add_record) and saved it
-            self.record = load_record(gkey)
-            if self.record is not None and ikey:
+        if self.fusion.record is not None:  # a miss: the pass recorded this graph (add_record) and saved it
+            self.record = self.fusion.record
+            if ikey:
                 save_record(ikey, self.record)
         elif not has_calls:  # Inductor returns such a graph as is, without its passes
             self.record = GraphRecord(self.name, self.cfg.lowering, notes=[

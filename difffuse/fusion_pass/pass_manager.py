@@ -81,13 +81,12 @@ class DifffusePass(CustomGraphPass):
         self.cfg = cfg
         self.graph_name = graph_name
         self.record_key = record_key
-        self.ran = False
+        self.record: Optional[GraphRecord] = None  # what the last run of the pass recorded (None: not run)
 
     def uuid(self) -> str:
         return hashlib.sha256(f"{source_hash()};{self.cfg.key()}".encode()).hexdigest()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        self.ran = True
         lowering = detect_device(graph) if self.cfg.lowering == "auto" else self.cfg.lowering
         name, module = load_lowering(lowering)
         rec = GraphRecord(graph=self.graph_name, lowering=name,
@@ -99,6 +98,7 @@ class DifffusePass(CustomGraphPass):
         else:
             self._apply(graph, name, module, rec)
         add_record(rec)
+        self.record = rec
         if self.record_key:
             save_record(self.record_key, rec)
 
