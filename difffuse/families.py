@@ -24,12 +24,8 @@ TABLE: tuple[FamilyEntry, ...] = (
     FamilyEntry("rms_norm", "difffuse.patterns.rms_norm_tp", "RMSNorm (and its tensor-parallel form)"),
     FamilyEntry("scale_shift", "difffuse.patterns.scale_shift", "AdaLN `x*(k+scale)+shift`, gated residual"),
     FamilyEntry("linear_gelu", "difffuse.patterns.linear_gelu", "Linear + tanh-GELU (cuBLASLt epilogue)"),
-    # one node per site (an SDPA aten op), so its place in the order changes nothing. Off by
-    # default until a device lowering has an attention kernel (only the reference op exists:
-    # on CUDA every call would be a reported "no attention kernel" miss); opt in with
-    # options={"patterns": [..., "attention"]}.
-    FamilyEntry("attention", "difffuse.patterns.attention", "exact SDPA calls -> the device's attention kernel",
-                default=False),
+    # one node per site (an SDPA aten op), so its place in the order changes nothing
+    FamilyEntry("attention", "difffuse.patterns.attention", "exact SDPA calls -> the device's attention kernel"),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in TABLE)

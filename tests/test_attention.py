@@ -18,32 +18,17 @@ from conftest import compile_and_run as _compile_and_run
 
 from difffuse.families import NAMES
 
-# the attention family is off by default (no device kernel yet): these tests opt in
-ALL = list(NAMES)
+ALL = list(NAMES)  # every family (attention is one of the defaults)
 
 
 def compile_and_run(module, *args, options=None, **kwargs):
     return _compile_and_run(module, *args, options={"patterns": ALL, **(options or {})}, **kwargs)
 from difffuse.lowering import ops
+from difffuse.testing.expected import attention_calls
 
 aten = torch.ops.aten
 LAYERS = 2
 MASKED = "an attention mask"
-
-
-def attention_calls(name: str, n: int) -> tuple[int, int]:
-    """(rewritten, left because masked) SDPA calls of a tiny model with n blocks per stack.
-
-    Wan T2V / TI2V: self + text cross-attention per block (2n); I2V adds the image
-    cross-attention (3n). Flux: one joint attention per double- and per single-stream block
-    (2n). Qwen-Image: one joint attention per block, masked when the text mask is passed
-    (diffusers turns it into an additive [B, 1, 1, L] mask), unmasked without it.
-    HunyuanVideo: the token refiner's block (1, a [B, H, L, L] mask) and every double- and
-    single-stream block get the text mask (2n + 1, all left). LTX: self-attention (n) and
-    the masked cross-attention (n left). CogVideoX: one joint attention per block (n)."""
-    return {"wan-t2v-tiny": (2 * n, 0), "wan-ti2v-tiny": (2 * n, 0), "wan-i2v-tiny": (3 * n, 0),
-            "flux-tiny": (2 * n, 0), "qwen-image-tiny": (0, n), "qwen-image-nomask-tiny": (n, 0),
-            "hunyuan-video-tiny": (0, 2 * n + 1), "ltx-video-tiny": (n, n), "cogvideox-tiny": (n, 0)}[name]
 
 
 def _builders():
@@ -293,13 +278,14 @@ def test_zero_size_left_to_inductor(shape):
     assert rep.matches() == {} and len(rep.misses) == 1 and "zero-size" in rep.misses[0].reason, str(rep)
 
 
-def test_lowering_without_attention_kernel_reports_it():
-    """The CUDA lowering has no attention kernel yet: the call stays, and the report says so."""
+def test_cuda_lowering_leaves_cpu_attention_with_reason():
+    """The CUDA lowering's flash kernels take CUDA tensors only: a CPU call stays, reported."""
     pytest.importorskip("triton")
     out, rep = compile_and_run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), *blhd_views(),
                                options={"lowering": "cuda"})
     assert rep.matches() == {}, str(rep)
-    assert [m.reason for m in rep.misses] == ["the cuda lowering has no attention kernel: left to Inductor"]
+    assert [m.reason for m in rep.misses] == ["cuda lowering does not take it: q on cpu: the flash kernels need CUDA tensors"], \
+        str(rep)
 
 
 # ------------------------------------------------------------------ dynamic shapes

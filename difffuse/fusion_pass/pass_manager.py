@@ -18,7 +18,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._inductor.pattern_matcher import stable_topological_sort
 
 from .._version import __version__
-from ..lowering import load_lowering
+from ..lowering import attention_kernel, load_lowering
 from ..patterns import available_families
 from ..patterns.common import PassContext, module_path, source_of
 from .canonicalize import canonicalize
@@ -96,7 +96,8 @@ class DifffusePass(CustomGraphPass):
         if module is None:
             rec.notes.append(f"{name}: no rewrite, plain Inductor")
         else:
-            self._apply(graph, name, module, rec)
+            with attention_kernel(self.cfg.attention_kernel):
+                self._apply(graph, name, module, rec)
         add_record(rec)
         self.record = rec
         if self.record_key:

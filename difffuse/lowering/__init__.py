@@ -10,6 +10,8 @@ under ``lowering/`` imports ``patterns/`` and each rule is testable without a gr
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import logging
 from types import ModuleType
@@ -26,6 +28,20 @@ DEVICE_TABLE: dict[str, Optional[tuple[str, Optional[str], Optional[str]]]] = {
     "musa": None,
     "inductor": None,
 }
+
+# The backend option `attention_kernel` ("auto" | "fa4" | "fa3"), set by the pass while it
+# runs (it is part of the pass's cache key); the CUDA attention lowering reads it.
+ATTENTION_KERNEL: contextvars.ContextVar[str] = contextvars.ContextVar("difffuse_attention_kernel", default="auto")
+
+
+@contextlib.contextmanager
+def attention_kernel(name: str):
+    token = ATTENTION_KERNEL.set(name)
+    try:
+        yield
+    finally:
+        ATTENTION_KERNEL.reset(token)
+
 
 _warned: set[str] = set()
 

@@ -6,6 +6,8 @@ Linear + tanh-GELU.
   through their strides too, D <= 8192; the qk kernel reads half or full rope tables).
 - linear_gelu: ``aten._addmm_activation(bias, x, w.t(), use_gelu=True)``, which on CUDA is
   cuBLASLt's tanh-GELU epilogue (on CPU the same op computes erf-GELU, so CUDA tensors only).
+- attention: FlashAttention-4 / -3 (`flash_attention.py`), where one is installed and
+  takes the call; else the SDPA node stays (cuDNN).
 
 Replacements are traced functionalized (`trace_replacement`), so each Triton launcher
 decomposes into Inductor's user-defined-Triton-kernel node and the generated code
@@ -20,8 +22,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import flash_attention as fa
 from . import triton_kernels as tk
-from .sites import (LinearGeluSite, NormScaleShiftSite, QKNormRopeSite, RMSNormSite, ScaleShiftSite, TensorSpec,
+from .sites import (AttentionSite, LinearGeluSite, NormScaleShiftSite, QKNormRopeSite, RMSNormSite, ScaleShiftSite, TensorSpec,
                     known, specs)
 
 INTERPRET = tk.INTERPRET
@@ -83,6 +86,7 @@ IMPLS = {
     "norm_scale_shift": norm_scale_shift,
     "qk_norm_rope": qk_norm_rope,
     "linear_gelu": linear_gelu,
+    "attention": fa.attention,
 }
 
 
@@ -218,6 +222,7 @@ _RULES = {
     NormScaleShiftSite: _norm_scale_shift,
     QKNormRopeSite: _qk_norm_rope,
     LinearGeluSite: _linear_gelu,
+    AttentionSite: fa.supports,
 }
 
 
