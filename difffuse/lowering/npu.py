@@ -1,4 +1,5 @@
-"""The Ascend NPU lowering: sgl_kernel_npu's Triton-Ascend kernels and torch_npu's rotary op.
+"""The Ascend NPU lowering: sgl_kernel_npu's Triton-Ascend kernels and torch_npu's rotary and
+fused-attention ops.
 
 Upstream calls, as read from the sources (checked against sgl-project/sgl-kernel-npu
 f425bdf, python/sgl_kernel_npu/sgl_kernel_npu/norm/{rmsnorm_split,scale_shift}.py, last
@@ -25,6 +26,45 @@ changed 5b76b29; torch_npu API reference 7.0.0, `torch_npu.npu_rotary_mul`):
   a BSND x; interleave: B*N < 1000, r1/r2 ``1S1D``. The API reference also states r1/r2
   values in [-1, 1] (true of cos/sin tables; values cannot be checked at compile time).
 
+Attention, as read from Ascend/op-plugin (torch_npu's operator sources; main 517f2e7,
+2026-08-21): the schema in `op_plugin/config/op_plugin_functions.yaml`, the checks and output
+shapes in `op_plugin/ops/opapi/FlashAttentionKernelNpuOpApi.cpp`, the meta function in
+`op_plugin/python/meta/_meta_registrations.py`, the API reference
+`docs/zh/custom_APIs/torch_npu/torch_npu-npu_fusion_attention.md` and the golden model in
+`test/test_custom_ops/test_npu_flash_attention.py`; limits cross-checked with CANN 8.5.0's
+`aclnnFlashAttentionScoreV2` reference:
+
+- ``torch_npu.npu_fusion_attention(query, key, value, head_num, input_layout, pse=None,
+  padding_mask=None, atten_mask=None, scale=1., keep_prob=1., pre_tockens=2147483647,
+  next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
+  actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
+  softmax_layout="", sink=None, dropout_mask=None, seed=0, offset=0)`` returns
+  ``(attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels)``. Note
+  ``scale`` defaults to 1, not 1/sqrt(D): we always pass it.
+- ``input_layout="BSND"``: q ``[B, Sq, N, D]``, k/v ``[B, Skv, N, D|Dv]``; ``attention_out``
+  is a new ``[B, Sq, N, Dv]`` tensor in q's dtype; ``softmax_max`` and ``softmax_sum`` are
+  new fp32 ``[B, N, Sq, 8]`` tensors holding, 8 times over, the row max ``m`` of ``scale *
+  q k^T`` and ``sum_j exp(s_j - m)``, so ``lse = softmax_max[..., 0] + log(softmax_sum[...,
+  0])`` (natural log) exactly as the op defines it; ``softmax_out`` is empty.
+- Limits (API reference, aclnn reference): fp16/bf16/fp32 (fp32 since CANN 8.0; diffusers'
+  backend admits fp16/bf16 only), q/k/v of one dtype; D 1..768 with ``Dq == Dk >= Dv``;
+  key/value shapes equal except D; N 1..256; B 1..2M; S 1..1M. The op checks ``head_num >
+  0``, 3-/4-d operands, ``keep_prob`` in (0, 1] and ``sparse_mode`` in [0, 6] (non-varlen).
+- Masks: with ``atten_mask=None`` the whole score matrix is computed (``sparse_mode``,
+  ``pre_tockens``, ``next_tockens`` then have no effect). Causal: ``sparse_mode=2``
+  (leftUpCausal, SDPA's top-left alignment) with the compressed mask the reference's
+  example passes, ``triu(ones(2048, 2048, bool), 1)`` (True = masked out).
+- ``inner_precise``: 0 (high precision in older releases; reserved now), as diffusers passes.
+  The reference lists the op for training and not for graph mode / aclgraph capture.
+- diffusers 0.42.1 (`models/attention_dispatch.py`, ``_native_npu_attention``) calls
+  ``npu_fusion_attention(q, k, v, q.size(2), atten_mask=, input_layout="BSND", pse=None,
+  scale=, pre_tockens=65536, next_tockens=65536, keep_prob=, sync=False,
+  inner_precise=0)[0]`` on ``[B, S, N, D]`` tensors and refuses ``return_lse``.
+
+We pass contiguous BSND tensors (the transpose of diffusers' ``[B, H, L, D]`` views is
+already contiguous: no copy), take ``attention_out`` as the op's ``[B, Lq, H, Dv]`` memory
+and convert the lse as above; ``supports`` states the limits.
+
 Every vendor call is a ``difffuse::npu_*`` custom op (fake impl = shapes) so the pattern
 replacement can be traced into the post-grad graph; the casts around it are ordinary aten
 ops. Each family computes in fp32 and returns the op's ``out_dtype``, as the reference
@@ -34,13 +74,14 @@ sgl_kernel_npu is missing, so ``load_lowering`` falls back with one WARNING.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .sites import (NormScaleShiftSite, QKNormRopeSite, RMSNormSite, RsqrtMulSite, ScaleShiftSite, TensorSpec,
-                    VarianceSite, known, specs)
+from .sites import (AttentionSite, NormScaleShiftSite, QKNormRopeSite, RMSNormSite, RsqrtMulSite, ScaleShiftSite,
+                    TensorSpec, VarianceSite, known, specs)
 
 try:  # both are needed; sgl_kernel_npu itself imports torch_npu and loads its .so
     import sgl_kernel_npu  # noqa: F401
@@ -90,6 +131,43 @@ def _rotary_mul(x: Tensor, r1: Tensor, r2: Tensor, rotary_mode: str) -> Tensor:
                                                    rotary_mode=rotary_mode)
 
 
+LEFT_UP_CAUSAL = 2  # npu_fusion_attention's sparse_mode for SDPA's (top-left) causal mask
+_causal_masks: dict = {}
+
+
+def _causal_mask(device) -> Tensor:
+    """The compressed causal mask sparse_mode 2 reads: 2048 x 2048, True above the diagonal."""
+    if device not in _causal_masks:
+        _causal_masks[device] = torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
+    return _causal_masks[device]
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t with row-major strides, size-1 dims included (what the fake promises); copies only
+    when t is not dense."""
+    return t.contiguous().view(-1).view(t.shape)
+
+
+def _fusion_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool
+                      ) -> tuple[Tensor, Tensor]:
+    """npu_fusion_attention on contiguous BSND copies of the [B, H, L, D] operands (views of
+    [B, L, H, D] memory need none); out as [B, H, Lq, Dv] over its [B, Lq, H, Dv] memory, lse =
+    softmax_max + log(softmax_sum) as a contiguous fp32 [B, H, Lq]."""
+    heads, d = q.shape[1], q.shape[-1]
+    q4, k4, v4 = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    mask = {"atten_mask": _causal_mask(q.device), "sparse_mode": LEFT_UP_CAUSAL} if is_causal else {}
+    out, softmax_max, softmax_sum = _vendor("torch_npu", "npu_fusion_attention")(
+        q4, k4, v4, head_num=heads, input_layout="BSND", scale=1.0 / math.sqrt(d) if scale is None else scale,
+        keep_prob=1.0, inner_precise=0, **mask)[:3]
+    lse = softmax_max[..., 0] + torch.log(softmax_sum[..., 0])
+    return _dense(out).transpose(1, 2), _dense(lse)
+
+
+def _attention_like(q, k, v, scale, is_causal):
+    b, h, lq = q.shape[0], q.shape[1], q.shape[2]
+    return q.new_empty((b, lq, h, v.shape[-1])).transpose(1, 2), q.new_empty((b, h, lq), dtype=torch.float32)
+
+
 fused_variance = _define("npu_fused_variance", _fused_variance,
                          lambda x: x.new_empty((*x.shape[:-1], 1)))
 fused_rsqrt_mul = _define("npu_fused_rsqrt_mul", _fused_rsqrt_mul,
@@ -99,6 +177,7 @@ fused_scale_shift = _define("npu_fused_scale_shift", _fused_scale_shift,
                                 x, memory_format=torch.contiguous_format))
 rotary_mul = _define("npu_rotary_mul", _rotary_mul,
                      lambda x, r1, r2, rotary_mode: torch.empty_like(x, memory_format=torch.contiguous_format))
+fusion_attention = _define("npu_fusion_attention", _fusion_attention, _attention_like)
 
 
 # ------------------------------------------------------------------ family implementations
@@ -200,6 +279,7 @@ IMPLS = {
     "qk_norm_rope": qk_norm_rope,
     "variance": variance,
     "rsqrt_mul": rsqrt_mul,
+    "attention": fusion_attention,
 }
 
 
@@ -328,7 +408,34 @@ def _qk_norm_rope(site: QKNormRopeSite) -> Optional[str]:
     return _rope_reason(tuple(site.out_shape), site.cos, site.sin, site.interleaved)
 
 
+MAX_HEAD_DIM, MAX_HEADS, MAX_BATCH, MAX_SEQ = 768, 256, 2 * 1024 * 1024, 1024 * 1024
+
+
+def _attention(site: AttentionSite) -> Optional[str]:
+    import torch_npu
+
+    if not hasattr(torch_npu, "npu_fusion_attention"):
+        return "the installed torch_npu has no npu_fusion_attention"
+    q, k, v = site.q, site.k, site.v
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in FLOATS:
+        return f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: npu_fusion_attention takes one of fp16/bf16/fp32"
+    if any(t.has_zero_dim() for t in (q, k, v)):
+        return "zero-size operand: left to Inductor"
+    b, heads, d, dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
+    if not known(d <= MAX_HEAD_DIM):
+        return f"head_dim {d}: npu_fusion_attention takes 1..{MAX_HEAD_DIM}"
+    if not known(dv <= d):
+        return f"value head_dim {dv} > query/key head_dim {d}: npu_fusion_attention needs Dk >= Dv"
+    if not known(heads <= MAX_HEADS):
+        return f"{heads} heads: npu_fusion_attention takes 1..{MAX_HEADS}"
+    # B and S may be symbols (dynamic shapes): refused only where known to be over the limit
+    if known(b > MAX_BATCH) or known(q.shape[2] > MAX_SEQ) or known(k.shape[2] > MAX_SEQ):
+        return f"batch {b} / sequence {q.shape[2]}, {k.shape[2]}: npu_fusion_attention takes B <= 2M, S <= 1M"
+    return None  # causal: sparse_mode 2 is SDPA's top-left alignment; the lse is converted exactly
+
+
 _RULES = {
+    AttentionSite: _attention,
     RMSNormSite: _rms,
     VarianceSite: _rms,
     RsqrtMulSite: _rms,

@@ -1,5 +1,5 @@
-"""The ROCm lowering: AMD aiter's RMSNorm kernels (PyPI `amd-aiter`; PyPI `aiter` is an
-unrelated async-iterator package, which this module refuses).
+"""The ROCm lowering: AMD aiter's RMSNorm and flash-attention kernels (PyPI `amd-aiter`;
+PyPI `aiter` is an unrelated async-iterator package, which this module refuses).
 
 Upstream calls, as read from ROCm/aiter `aiter/ops/rmsnorm.py` (checked at tag
 v0.1.9.post1 and at main e404860, 2026-08):
@@ -15,10 +15,39 @@ v0.1.9.post1 and at main e404860, 2026-08):
   main: ``gemma_norm, use_model_sensitive_rmsnorm``), so we pass none of them
   positionally (none at all: the defaults are what we want).
 
+Attention, as read from ROCm/aiter `aiter/ops/mha.py` and `csrc/py_itfs_ck/mha_fwd_kernels.cu`
+(main e404860; the first twelve parameters are the same at tags v0.1.5, v0.1.9.post1,
+v0.1.12 and v0.1.20.post1):
+
+- ``aiter.flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+  window_size=(-1, -1, 0), bias=None, alibi_slopes=None, deterministic=True,
+  return_lse=False, return_attn_probs=False, ...)`` on ``[B, L, H, D]`` tensors (v ``[B, L,
+  H, Dv]``); ``softmax_scale=None`` means ``D ** -0.5``. With ``return_lse=True`` (and no
+  attention probabilities) it returns ``(out, softmax_lse)``: ``out`` a new ``[B, Lq, H,
+  Dv]`` tensor in q's dtype, ``softmax_lse`` a new fp32 ``[B, H, Lq]`` tensor, the natural-log
+  logsumexp of each row of ``scale * q k^T`` (docstring; aiter's op test compares it with
+  ``torch.logsumexp``).
+- The Python wrapper zero-pads head dims that are not a multiple of 8 and slices ``out``
+  back (so ``out`` may then be a non-contiguous view), and copies any input whose
+  ``stride(-1) != 1``; other strides are read as given. The CK entry point then checks:
+  fp16/bf16 (fp8 only with descales), q/k/v of one dtype, ``stride(-1) == 1``, head dims
+  ``<= 256`` and multiples of 8, batch ``> 0``, query heads a multiple of key heads.
+- ``causal=True`` aligns the mask to the bottom-right corner: the same as SDPA's top-left
+  mask only when Lq == Lkv (the only causal calls the pattern sends).
+- diffusers 0.42.1 (`models/attention_dispatch.py`, ``_aiter_flash_attention``, the
+  ``aiter_fa2_hub`` backend, which loads the same function from the Hub kernel
+  ``kernels-community/aiter-flash-attn-ck`` and admits bf16 only) calls it with ``q=, k=,
+  v=, dropout_p=, softmax_scale=, causal=, return_lse=`` on ``[B, L, H, D]`` tensors and
+  unpacks ``out, lse, *_``. We pass the same keywords, on ``[B, L, H, D]`` views of SDPA's
+  ``[B, H, L, D]`` operands (no copy for diffusers' layout), and always ask for the lse
+  (ring attention reads it; it costs one fp32 write per query row). ``supports`` states
+  the CK limits; aiter's Triton fallback (a build without CK) is not modelled.
+
 Families and sites the kernels cannot compute exactly (other dtypes, LayerNorm,
-modulation, gates, scale_shift, qk_norm_rope) are left to Inductor: ``supports`` returns
-the reason and the report shows it. The CUDA Triton lowering is not used as a second
-choice here (it is another module's business; a site aiter refuses is plain Inductor).
+modulation, gates, scale_shift, qk_norm_rope, head dims over 256) are left to Inductor:
+``supports`` returns the reason and the report shows it. The CUDA Triton lowering is not
+used as a second choice here (it is another module's business; a site aiter refuses is
+plain Inductor).
 """
 from __future__ import annotations
 
@@ -27,7 +56,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .sites import NormScaleShiftSite, RMSNormSite, TensorSpec, known, specs
+from .sites import AttentionSite, NormScaleShiftSite, RMSNormSite, TensorSpec, known, specs
 
 try:
     import aiter as _aiter
@@ -98,12 +127,35 @@ def norm_scale_shift(x, residual, gate, weight, bias, scale, shift, eps: float, 
     return out.to(out_dtype), r
 
 
-IMPLS = {"rms_norm": rms_norm, "norm_scale_shift": norm_scale_shift}
+def _dense(t: Tensor) -> Tensor:
+    """t with row-major strides, size-1 dims included (what the fake promises); copies only
+    when t is not dense."""
+    return t.contiguous().view(-1).view(t.shape)
+
+
+def _flash_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float], is_causal: bool
+                ) -> tuple[Tensor, Tensor]:
+    """aiter.flash_attn_func on [B, L, H, D] views of the [B, H, L, D] operands, lse asked for;
+    out comes back as [B, H, Lq, Dv] over dense [B, Lq, H, Dv] memory (the op's contract)."""
+    q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = _aiter_fn("flash_attn_func")(q=q4, k=k4, v=v4, dropout_p=0.0, softmax_scale=scale,
+                                            causal=is_causal, return_lse=True)
+    return _dense(out).transpose(1, 2), _dense(lse)
+
+
+def _attention_like(q, k, v, scale, is_causal):
+    b, h, lq = q.shape[0], q.shape[1], q.shape[2]
+    return q.new_empty((b, lq, h, v.shape[-1])).transpose(1, 2), q.new_empty((b, h, lq), dtype=torch.float32)
+
+
+flash_attn = _define("rocm_flash_attn", _flash_attn, _attention_like)
+
+IMPLS = {"rms_norm": rms_norm, "norm_scale_shift": norm_scale_shift, "attention": flash_attn}
 
 
 # ------------------------------------------------------------------ eligibility
-# Stated once per kernel, from the typed site record alone (lowering/sites.py). aiter gets
-# contiguous 2-D copies (`_rmsnorm2d*`), so operand strides never matter.
+# Stated once per kernel, from the typed site record alone (lowering/sites.py). The norm
+# kernels get contiguous 2-D copies (`_rmsnorm2d*`), so operand strides never matter.
 def _weight_reason(weight: Optional[TensorSpec], x: TensorSpec) -> Optional[str]:
     if weight is None:
         return None
@@ -158,7 +210,27 @@ def _norm_scale_shift(site: NormScaleShiftSite) -> Optional[str]:
     return _weight_reason(site.weight, x)
 
 
-_RULES = {RMSNormSite: _rms_norm, NormScaleShiftSite: _norm_scale_shift}
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # CK's check, after the wrapper pads to a multiple of 8 (so any D <= 256)
+
+
+def _attention(site: AttentionSite) -> Optional[str]:
+    if not hasattr(_aiter, "flash_attn_func"):
+        return "the installed aiter has no flash_attn_func"
+    q, k, v = site.q, site.k, site.v
+    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in ATTENTION_DTYPES:
+        return f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: aiter's flash_attn_func (CK) takes fp16/bf16"
+    if any(t.has_zero_dim() for t in (q, k, v)):
+        return "zero-size operand: left to Inductor"
+    for name, d in (("q/k", q.shape[-1]), ("v", v.shape[-1])):
+        if not known(d <= MAX_HEAD_DIM):
+            return f"{name} head_dim {d}: aiter's CK flash attention takes at most {MAX_HEAD_DIM}"
+    if site.is_causal and not known(q.shape[2] == k.shape[2]):
+        return "causal with Lq != Lkv: aiter aligns the mask bottom-right, SDPA top-left"
+    return None  # strides: the wrapper copies inputs with stride(-1) != 1; the lse is returned
+
+
+_RULES = {RMSNormSite: _rms_norm, NormScaleShiftSite: _norm_scale_shift, AttentionSite: _attention}
 
 
 def supports(site) -> Optional[str]:
