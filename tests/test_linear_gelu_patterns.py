@@ -102,3 +102,42 @@ def test_gelu_of_non_linear_is_no_site():
     fn = lambda x: F.gelu(m(x) * 2, approximate="tanh")  # noqa: E731
     out, rep = compile_and_run(fn, torch.randn(2, 8))
     assert rep.matches() == {} and rep.misses == []
+
+
+@pytest.mark.parametrize("order", ["mm_first", "bias_first"])
+def test_unfused_bias_add_is_put_back(order):
+    """Inductor's CUDA post-grad pass splits a Linear's addmm into mm + bias add (seen on an
+    H100 with the tiny Wan pipeline's fp32 FFN: the site went unfused); canonicalize puts
+    the addmm back where a tanh-GELU reads it. On the CPU Inductor keeps the addmm, so the
+    split graph is built here and given to the canonicalization directly."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from difffuse.fusion_pass.canonicalize import fuse_bias_add
+
+    w, b = torch.randn(32, 24), torch.randn(32)
+    mm, add = torch.ops.aten.mm.default, torch.ops.aten.add.Tensor
+
+    def fn(x):
+        h = add(mm(x, w.t()), b) if order == "mm_first" else add(b, mm(x, w.t()))
+        return torch.ops.aten.gelu.default(h, approximate="tanh")
+
+    x = torch.randn(12, 24)
+    from torch._inductor.decomposition import select_decomp_table
+
+    gm = make_fx(fn, decomposition_table=select_decomp_table())(x)
+    assert fuse_bias_add(gm.graph) == 1
+    targets = [n.target for n in gm.graph.nodes]
+    assert torch.ops.aten.addmm.default in targets and mm not in targets
+    gm.recompile()
+    assert_close(gm(x), fn(x))
+
+
+def test_bias_add_without_gelu_left_split():
+    """mm + bias feeding anything but a tanh-GELU stays as Inductor wrote it."""
+    from difffuse.fusion_pass.canonicalize import fuse_bias_add
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w, b = torch.randn(32, 24), torch.randn(32)
+    gm = make_fx(lambda x, r: torch.ops.aten.add.Tensor(torch.ops.aten.mm.default(x, w.t()), b) + r)(
+        torch.randn(12, 24), torch.randn(12, 32))
+    assert fuse_bias_add(gm.graph) == 0

