@@ -1,6 +1,7 @@
 """One denoising step of a non-Wan DiT (random weights, bf16, realistic widths and token
-counts, fewer blocks than the real model): eager vs Inductor regional vs difffuse
-regional, modes alternated. Same protocol and columns as wan_step.py.
+counts, fewer blocks than the real model): eager vs Inductor regional (with and without
+attention routed by hand) vs difffuse regional (without and with attention routing), modes
+alternated. Same protocol, modes (`_modes.py`) and columns as wan_step.py.
 
     python benchmarks/dit_step.py --model flux|qwen-image|hunyuan-video|ltx-video|cogvideox
                                   [--layers N] [--rounds 3] [--steps 3]
@@ -18,6 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _bench  # noqa: E402
+import _modes  # noqa: E402
 from wan_step import profile_into, rel_err, step_ms  # noqa: E402
 
 import difffuse  # noqa: E402
@@ -141,13 +143,13 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-peer", action="store_true", help="skip the hand-routed Inductor mode")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, kwargs, tokens = build(a.model, a.layers)
     eager = block_lists(model)
-    modes = {"eager": eager}
-    for backend in ("inductor", "difffuse"):
-        modes[backend] = {n: nn.ModuleList(torch.compile(b, backend=backend) for b in ml) for n, ml in eager.items()}
+    specs = {m.name: m for m in _modes.modes(peer=not a.no_peer)}
+    modes = {name: {n: _modes.compiled(ml, m) for n, ml in eager.items()} for name, m in specs.items()}
     print(_bench.header())
     print(f"{a.model}: " + ", ".join(f"{len(ml)} {n}" for n, ml in eager.items()) + f", {tokens} tokens, bf16, "
           "regional compile")
@@ -158,28 +160,34 @@ def main():
             difffuse.reset_report()
             torch.cuda.synchronize()
             t = time.perf_counter()
-            res[mode]["out"] = model(**kwargs)[0]
+            with _modes.entered(specs[mode]):
+                res[mode]["out"] = model(**kwargs)[0]
             torch.cuda.synchronize()
             res[mode]["compile s"] = time.perf_counter() - t
-            if mode == "difffuse":
+            if specs[mode].backend == "difffuse":
                 rep = difffuse.report()
                 res[mode]["matches"], res[mode]["misses"] = rep.matches(), [m.reason[:80] for m in rep.misses]
                 res[mode]["notes"] = [n for g in rep.graphs for n in g.notes]
         for r in range(a.rounds):
             for mode, lists in modes.items():
                 use(model, lists)
-                res[mode]["times"].append(step_ms(model, kwargs, a.steps))
+                with _modes.entered(specs[mode]):
+                    res[mode]["times"].append(step_ms(model, kwargs, a.steps))
                 res[mode].setdefault("clocks", []).append(_bench.clocks())
             print(f"round {r}: " + ", ".join(f"{m} {res[m]['times'][-1]:.1f} ms" for m in modes), flush=True)
             for mode, lists in modes.items():
                 use(model, lists)
-                profile_into(res[mode], model, kwargs)
+                with _modes.entered(specs[mode]):
+                    profile_into(res[mode], model, kwargs)
     ref, base = res["eager"]["out"], statistics.median(res["inductor"]["times"])
+    peer = next((m for m in res if m.startswith("inductor+")), None)
+    peer_ms = statistics.median(res[peer]["times"]) if peer else None
     rows = []
     for mode in modes:
         med = statistics.median(res[mode]["times"])
         rows.append({"model": a.model, "mode": mode, "step ms (median)": f"{med:.1f}",
-                     "vs inductor": f"{base / med:.3f}x", "first call s": f"{res[mode]['compile s']:.1f}",
+                     "vs inductor": f"{base / med:.3f}x",
+                     "vs peer": f"{peer_ms / med:.3f}x" if peer else "-", "first call s": f"{res[mode]['compile s']:.1f}",
                      "rel err vs eager": f"{rel_err(res[mode]['out'], ref):.2e}",
                      "attention ms": f"{res[mode]['attn']:.1f}", "other non-GEMM ms": f"{res[mode]['other']:.1f}"})
     print()
@@ -188,9 +196,10 @@ def main():
         print(f"\ntop memory-bound kernels, {mode} (ms per step):")
         for t, name in res[mode]["top"][:8]:
             print(f"  {t:8.2f}  {name}")
-    d = res["difffuse"]
-    print(f"\ndifffuse matches (per compiled block graph): {d.get('matches')}, misses {d.get('misses')}, "
-          f"notes {d.get('notes')}")
+    for mode in (m for m in modes if specs[m].backend == "difffuse"):
+        d = res[mode]
+        print(f"\n{mode} matches (per compiled block graph): {d.get('matches')}, "
+              f"misses {sorted(set(d.get('misses')))}, notes {d.get('notes')}")
 
 
 if __name__ == "__main__":

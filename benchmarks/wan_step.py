@@ -1,5 +1,7 @@
 """One Wan denoising step (random weights, bf16 with diffusers' fp32 keep-modules):
-eager vs Inductor regional vs difffuse regional, modes alternated (A B C A B C ...).
+eager vs Inductor regional vs Inductor regional with attention routed by hand (the fair
+peer) vs difffuse without and with attention routing, modes alternated (A B C A B C ...;
+`_modes.py`).
 
 Regional compile is what `compile_repeated_blocks` does (each block compiled); here the
 compiled blocks of both backends share one model's weights, so a 14B model fits once.
@@ -23,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _bench  # noqa: E402
+import _modes  # noqa: E402
 
 import difffuse  # noqa: E402
 
@@ -67,7 +70,7 @@ def build(name: str, layers: int | None):
 
 def regional(blocks: nn.ModuleList, backend: str) -> nn.ModuleList:
     """What compile_repeated_blocks does, as a separate ModuleList sharing the weights."""
-    return nn.ModuleList(torch.compile(b, backend=backend) for b in blocks)
+    return _modes.compiled(blocks, _modes.Mode(backend, backend))
 
 
 def step_ms(model, kwargs, steps: int) -> float:
@@ -131,13 +134,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warps", default=None, help="json file from tune_triton.py: Triton num_warps table")
+    ap.add_argument("--no-peer", action="store_true", help="skip the hand-routed Inductor mode")
     a = ap.parse_args()
     _bench.load_warps(a.warps)
     torch.manual_seed(0)
     model, kwargs, tokens = build(a.model, a.layers)
     eager_blocks = model.blocks
-    blocks = {"eager": eager_blocks, "inductor": regional(eager_blocks, "inductor"),
-              "difffuse": regional(eager_blocks, "difffuse")}
+    modes = {m.name: m for m in _modes.modes(peer=not a.no_peer)}
+    blocks = {name: _modes.compiled(eager_blocks, m) for name, m in modes.items()}
     print(_bench.header())
     print(f"Wan {a.model}, {len(eager_blocks)} blocks, {tokens} tokens, bf16, regional compile")
     res = {m: {"times": []} for m in blocks}
@@ -147,26 +151,32 @@ def main():
             difffuse.reset_report()
             torch.cuda.synchronize()
             t = time.perf_counter()
-            res[mode]["out"] = model(**kwargs)[0]
+            with _modes.entered(modes[mode]):
+                res[mode]["out"] = model(**kwargs)[0]
             torch.cuda.synchronize()
             res[mode]["compile s"] = time.perf_counter() - t
-            if mode == "difffuse":
+            if modes[mode].backend == "difffuse":
                 res[mode]["matches"] = difffuse.report().matches()
-                res[mode]["misses"] = len(difffuse.report().misses)
+                res[mode]["misses"] = sorted({m.reason[:100] for m in difffuse.report().misses})
         for r in range(a.rounds):
             for mode, bl in blocks.items():
                 model.blocks = bl
-                res[mode]["times"].append(step_ms(model, kwargs, a.steps))
+                with _modes.entered(modes[mode]):
+                    res[mode]["times"].append(step_ms(model, kwargs, a.steps))
                 res[mode].setdefault("clocks", []).append(_bench.clocks())
             print(f"round {r}: " + ", ".join(f"{m} {res[m]['times'][-1]:.1f} ms" for m in blocks), flush=True)
             for mode, bl in blocks.items():
                 model.blocks = bl
-                profile_into(res[mode], model, kwargs)
+                with _modes.entered(modes[mode]):
+                    profile_into(res[mode], model, kwargs)
     ref, base = res["eager"]["out"], statistics.median(res["inductor"]["times"])
+    peer = next((m for m in res if m.startswith("inductor+")), None)
+    peer_ms = statistics.median(res[peer]["times"]) if peer else None
     rows = []
     for mode in blocks:
         med = statistics.median(res[mode]["times"])
         rows.append({"mode": mode, "step ms (median)": f"{med:.1f}", "vs inductor": f"{base / med:.3f}x",
+                     "vs peer": f"{peer_ms / med:.3f}x" if peer else "-",
                      "first call s": f"{res[mode]['compile s']:.1f}",
                      "rel err vs eager": f"{rel_err(res[mode]['out'], ref):.2e}",
                      "attention ms": f"{res[mode]['attn']:.1f}", "other non-GEMM ms": f"{res[mode]['other']:.1f}",
@@ -177,8 +187,9 @@ def main():
         print(f"\ntop memory-bound kernels, {mode} (ms per step):")
         for t, name in res[mode]["top"][:10]:
             print(f"  {t:8.2f}  {name}")
-    print(f"\ndifffuse matches (per compiled block graph): {res['difffuse'].get('matches')}, "
-          f"misses {res['difffuse'].get('misses')}")
+    for mode in (m for m in blocks if modes[m].backend == "difffuse"):
+        print(f"\n{mode} matches (per compiled block graph): {res[mode].get('matches')}, "
+              f"misses {res[mode].get('misses')}")
 
 
 if __name__ == "__main__":
