@@ -310,3 +310,13 @@ def test_reference_lowering_takes_every_exact_site():
     assert reference.supports(AttentionSite(q, q, q, None, False, True, "x")) is None
     assert reference.IMPLS["attention"] is torch.ops.difffuse.attention.default
     assert ops.REFERENCE["attention"] is torch.ops.difffuse.attention.default
+
+
+def test_report_names_the_kernels_that_run():
+    """Each graph with rewrites notes what runs per family (which attention kernel, Triton
+    or the JIT qk kernel on CUDA); here the reference ops."""
+    w = torch.randn(8)
+    out, rep = compile_and_run(lambda q, k, v: (F.scaled_dot_product_attention(q, k, v),
+                                                F.rms_norm(q, (8,), w, 1e-6)), *blhd_views())
+    notes = [n for g in rep.graphs for n in g.notes]
+    assert "kernels: attention -> difffuse::attention x1, rms_norm -> difffuse::rms_norm x1" in notes, notes

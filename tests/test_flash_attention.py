@@ -193,3 +193,14 @@ def test_dynamic_shapes_specialize_head_dims_only(gpu):
     assert all(not isinstance(x, int) for x in s.q.shape[:3])  # B, H, L symbolic
     env = gm.shape_env
     assert any("128" in str(g.expr) for g in env.guards), env.guards  # D == 128 guarded
+
+
+def test_report_note_names_the_flash_kernel():
+    from difffuse.fusion_pass.pass_manager import kernel_note
+
+    g = torch.fx.Graph()
+    q, k, v = (g.placeholder(n) for n in "qkv")
+    n = g.call_function(torch.ops.difffuse.flash_attention.default, (q, k, v, None, False, "fa4"))
+    n.meta["difffuse_replacement"] = ("attention", "x")
+    g.output(n)
+    assert kernel_note(g) == "kernels: attention -> difffuse::flash_attention[fa4] x1"

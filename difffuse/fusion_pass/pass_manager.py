@@ -20,7 +20,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 from .._version import __version__
 from ..lowering import attention_kernel, load_lowering
 from ..patterns import available_families
-from ..patterns.common import PassContext, module_path, source_of
+from ..patterns.common import PassContext, inserted_by, module_path, source_of
 from .canonicalize import canonicalize
 from .config import FusionConfig
 from .device import detect_device
@@ -72,6 +72,39 @@ def restore(graph: torch.fx.Graph, snap: torch.fx.Graph) -> None:
     for n in snap.nodes:
         if n.op != "placeholder":
             env[n] = graph.node_copy(n, lambda a: env[a])
+
+
+def _kernel_label(node: torch.fx.Node) -> Optional[str]:
+    """What runs for an inserted node: a non-aten op (with its `kernel` argument, e.g. the
+    flash-attention kernel), or a Triton kernel launched by the generated code."""
+    target = node.target
+    if target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+        try:
+            from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+            kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"])
+            return f"triton:{getattr(kernel, '__name__', None) or kernel.fn.__name__}"
+        except Exception:  # noqa: BLE001
+            return "triton"
+    if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
+        name = target.name()
+        kernel = node.kwargs.get("kernel", node.args[-1] if name == "difffuse::flash_attention" else None)
+        return f"{name}[{kernel}]" if isinstance(kernel, str) else name
+    return None
+
+
+def kernel_note(graph: torch.fx.Graph) -> Optional[str]:
+    """`kernels: family -> what runs xN, ...` for the replacements in the graph (which
+    flash-attention kernel, Triton or the JIT qk kernel), or None if nothing was rewritten."""
+    counts: dict = {}
+    for n in graph.nodes:
+        family = inserted_by(n)
+        label = _kernel_label(n) if family and n.op == "call_function" else None
+        if label:
+            counts[(family[0], label)] = counts.get((family[0], label), 0) + 1
+    if not counts:
+        return None
+    return "kernels: " + ", ".join(f"{f} -> {k} x{c}" for (f, k), c in sorted(counts.items()))
 
 
 class DifffusePass(CustomGraphPass):
@@ -134,6 +167,9 @@ class DifffusePass(CustomGraphPass):
             return
         finally:
             _CTX.pop()
+        note = kernel_note(graph)
+        if note:
+            rec.notes.append(note)
         for family in (f for f in self.cfg.patterns if f in families):
             default = ("no pattern variant matched this spelling" if family in module.IMPLS
                        else f"the {name} lowering has no {family} kernel: left to Inductor")
