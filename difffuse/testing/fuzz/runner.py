@@ -224,7 +224,8 @@ def _classify(res: Result, inductor_err: Callable[[], float]) -> None:
 def families() -> dict:
     import importlib
     mods = []
-    for name in ("gen_rms_norm", "gen_scale_shift", "gen_qk_norm_rope", "gen_norm_scale_shift", "gen_linear_gelu"):
+    for name in ("gen_rms_norm", "gen_scale_shift", "gen_qk_norm_rope", "gen_norm_scale_shift", "gen_linear_gelu",
+                 "gen_attention"):
         try:
             mods.append(importlib.import_module(f"difffuse.testing.fuzz.{name}"))
         except ModuleNotFoundError:
