@@ -3,25 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
 import torch
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each argument's default."""
+
+
 def parse(kind: str, doc: str):
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=_Formatter)
     p.add_argument("--model", default=None, help="checkpoint path or hub id (default: tiny random pipeline)")
-    p.add_argument("--compile", default="difffuse", choices=["none", "inductor", "difffuse"])
+    p.add_argument("--compile", default="difffuse", choices=["none", "inductor", "difffuse"],
+                   help="how to compile the transformer (difffuse on CPU uses the reference lowering)")
     p.add_argument("--regional", action="store_true", help="compile_repeated_blocks instead of the whole model")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--height", type=int, default=32)
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--frames", type=int, default=9)
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--prompt", default="a cat surfing a wave at sunset")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--output", default=f"wan_{kind}.gif", help="where to write the frames (.gif or .npy)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps")
+    p.add_argument("--height", type=int, default=32, help="video height in pixels")
+    p.add_argument("--width", type=int, default=32, help="video width in pixels")
+    p.add_argument("--frames", type=int, default=9, help="number of frames")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    p.add_argument("--prompt", default="a cat surfing a wave at sunset", help="prompt (only with --model)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device to run on")
+    p.add_argument("--output", default=os.path.join("outputs", f"wan_{kind}.gif"),
+                   help="where to write the frames (.gif or .npy); its directory is created")
     return p.parse_args()
 
 
@@ -89,6 +96,8 @@ def run(kind: str, doc: str):
 
 
 def save(frames, path: str):
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     if path.endswith(".npy"):
         np.save(path, frames)
         return

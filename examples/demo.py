@@ -1,17 +1,42 @@
 """difffuse demo: a small Wan 2.1 transformer (diffusers config, random weights, no
-downloads) denoises a latent video for a few steps, eager and compiled with
-`backend="difffuse"`; prints the fusion report, the times and the max difference.
+downloads) denoises a latent video three ways, side by side: eager, Inductor
+(`backend="inductor"`) and difffuse (`backend="difffuse"`). It prints the fusion report,
+the median time of a transformer step per mode, and each compiled mode's max difference
+from eager.
 
-    python examples/demo.py [--steps 4] [--layers 4] [--device cpu|cuda]
+    python examples/demo.py [--steps 6] [--layers 2] [--device cpu|cuda] [--lowering ...]
 
-On CPU the reference lowering is used (pure-PyTorch fused ops); on a GPU, auto.
+Timing: each mode is called once first (the compile happens there and is reported on its
+own), then the modes take turns, one denoising step each, and the median per mode is
+printed.
+
+Lowering: on a GPU the default is `auto` (the CUDA, ROCm or NPU fused kernels: that is
+where difffuse makes a model faster). On CPU difffuse has no fast kernels, and `auto`
+would compile exactly what Inductor compiles; the demo uses the `reference` lowering
+instead, a correctness path whose fused ops are plain PyTorch, so the report shows what is
+rewritten. Expect it to be slower than Inductor on CPU.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import time
 
 import torch
+
+LOWERING_ROLE = {
+    "reference": "pure-PyTorch fused ops: shows the rewrites and checks them against eager; a correctness "
+                 "path, expected to be slower than Inductor (the speed comes from the CUDA/ROCm/NPU lowerings "
+                 "on a GPU)",
+    "auto": "the fused kernels of the device it finds (CUDA, ROCm or NPU); on CPU nothing is rewritten "
+            "(plain Inductor)",
+    "cuda": "difffuse's Triton kernels and cuBLASLt epilogues",
+    "rocm": "the ROCm kernels",
+    "npu": "the Ascend NPU kernels",
+    "musa": "no rewrite: plain Inductor",
+    "inductor": "no rewrite: plain Inductor",
+}
 
 
 def build(device, dtype, layers):
@@ -28,54 +53,89 @@ def build(device, dtype, layers):
     return model, FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
-def denoise(transformer, scheduler, latents, text, steps):
-    scheduler.set_timesteps(steps, device=latents.device)
-    for t in scheduler.timesteps:
-        noise_pred = transformer(hidden_states=latents, timestep=t.expand(latents.shape[0]),
-                                 encoder_hidden_states=text, return_dict=False)[0]
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-    return latents
-
-
-def timed(fn):
-    if torch.cuda.is_available():
+def sync(device):
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="denoising steps, each timed once per mode")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--frames", type=int, default=5)
+    parser.add_argument("--frames", type=int, default=5, help="latent frames")
     parser.add_argument("--size", type=int, default=32, help="latent height and width")
-    args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    lowering = "auto" if args.device == "cuda" else "reference"
+    parser.add_argument("--lowering", default=None, choices=sorted(LOWERING_ROLE),
+                        help="difffuse lowering (default: reference on CPU, auto on a GPU)")
+    args = parser.parse_args(argv)
+    on_cpu = args.device == "cpu"
+    dtype = torch.float32 if on_cpu else torch.bfloat16
+    lowering = args.lowering or ("reference" if on_cpu else "auto")
 
     import difffuse
 
     model, scheduler = build(args.device, dtype, args.layers)
     gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, 16, args.frames, args.size, args.size, generator=gen).to(args.device, dtype)
+    latents0 = torch.randn(1, 16, args.frames, args.size, args.size, generator=gen).to(args.device, dtype)
     text = torch.randn(1, 32, 64, generator=gen).to(args.device, dtype)
+    tokens = args.frames * (args.size // 2) ** 2
+    print(f"Wan 2.1-style transformer (blocks: {args.layers}, random weights) on {args.device}, {dtype}, "
+          f"{tokens} video tokens, {args.steps} denoising steps")
+    print(f"difffuse lowering: {lowering} ({LOWERING_ROLE[lowering]})")
+    difffuse.reset_report()
 
+    modes = {"eager": model}
+    compile_args = {"inductor": ("inductor", None), "difffuse": ("difffuse", {"lowering": lowering})}
     with torch.no_grad():
-        ref, t_eager = timed(lambda: denoise(model, scheduler, latents, text, args.steps))
-        compiled = torch.compile(model, backend="difffuse", options={"lowering": lowering})
-        _, t_first = timed(lambda: denoise(compiled, scheduler, latents, text, args.steps))
-        out, t_comp = timed(lambda: denoise(compiled, scheduler, latents, text, args.steps))
+        scheduler.set_timesteps(args.steps, device=args.device)
+        timestep = scheduler.timesteps[0].expand(1)
+        for name in ("eager", "inductor", "difffuse"):  # one warm-up call per mode: compiles happen here
+            if name in compile_args:
+                backend, options = compile_args[name]
+                print(f"\n{name}: compiling the transformer with torch.compile(backend={backend!r}"
+                      f"{f', options={options}' if options else ''}); the first call traces and compiles it, "
+                      "this takes a while (a minute or more on a CPU)...", flush=True)
+                modes[name] = torch.compile(model, backend=backend, options=options)
+            sync(args.device)
+            t0 = time.perf_counter()
+            modes[name](hidden_states=latents0, timestep=timestep, encoder_hidden_states=text, return_dict=False)
+            sync(args.device)
+            if name in compile_args:
+                print(f"{name}: first call (compile + one step) {time.perf_counter() - t0:.1f} s", flush=True)
 
+        # each mode denoises the same latents with its own scheduler; the modes take turns per step
+        schedulers = {name: copy.deepcopy(scheduler) for name in modes}
+        latents = {name: latents0 for name in modes}
+        times = {name: [] for name in modes}
+        for name in modes:
+            schedulers[name].set_timesteps(args.steps, device=args.device)
+        for i, t in enumerate(scheduler.timesteps):
+            order = list(modes) if i % 2 == 0 else list(modes)[::-1]  # alternate who goes first
+            for name in order:
+                sync(args.device)
+                t0 = time.perf_counter()
+                noise = modes[name](hidden_states=latents[name], timestep=t.expand(1),
+                                    encoder_hidden_states=text, return_dict=False)[0]
+                sync(args.device)
+                times[name].append(time.perf_counter() - t0)
+                latents[name] = schedulers[name].step(noise, t, latents[name], return_dict=False)[0]
+
+    print()
     print(difffuse.report())
-    print(f"\ndevice {args.device}, {dtype}, lowering {lowering}, {args.layers} layers, {args.steps} steps")
-    print(f"eager    {t_eager * 1e3 / args.steps:8.1f} ms/step")
-    print(f"difffuse {t_comp * 1e3 / args.steps:8.1f} ms/step  (first run incl. compile {t_first:.1f} s)")
-    print(f"max |difffuse - eager| = {(out.float() - ref.float()).abs().max().item():.3g}")
+    print(f"\nmedian transformer step over {args.steps} steps (after a warm-up call; modes alternated), "
+          f"{args.device}:")
+    eager_ms = statistics.median(times["eager"]) * 1e3
+    for name in modes:
+        ms = statistics.median(times[name]) * 1e3
+        label = name if name != "difffuse" else f"difffuse ({lowering})"
+        line = f"  {label:<22} {ms:9.2f} ms/step  speed-up vs eager {eager_ms / ms:5.2f}x"
+        if name != "eager":
+            diff = (latents[name].float() - latents["eager"].float()).abs().max().item()
+            line += f"   max |{name} - eager| after {args.steps} steps = {diff:.3g}"
+        print(line)
+    if on_cpu and lowering == "reference":
+        print("note: on CPU the reference lowering shows what difffuse rewrites and that the result matches "
+              "eager; it is not meant to be fast. Run on a GPU (lowering auto) for the speed-up.")
 
 
 if __name__ == "__main__":

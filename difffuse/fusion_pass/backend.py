@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import sys
 from typing import Any, Optional
 
 import torch
 
 from ..lowering import load_lowering
 from ..lowering import ops as _ops  # noqa: F401  (registers difffuse::* before any cached graph runs)
-from .config import parse_options
+from .config import OptionError, parse_options
 from .device import detect_from_tensors
 from .pass_manager import DifffusePass, source_hash
 from .report import GraphRecord, add_record, load_record, save_record
@@ -135,12 +136,59 @@ def _is_training(example_inputs) -> bool:
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
 
 
+def _surfaced(exc: OptionError) -> Exception:
+    """`exc` as the error the user reads. Dynamo wraps a backend's exception in
+    BackendCompilerFailed ("backend='difffuse' raised:" first, the message second, under the
+    traceback of Dynamo's internals) but passes a ShortenTraceback through as is, cut to the
+    frame that raised it. So a bad option is raised as an exception that is both the
+    OptionError (a ValueError, or TypeError) and a ShortenTraceback: its message is the first
+    line after the traceback, and the traceback is the user's call and this frame. Where this
+    torch lacks ShortenTraceback, `exc` itself (Dynamo wraps it)."""
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:
+        return exc
+    cls = _SURFACED.get(type(exc))
+    if cls is None:
+        try:
+            cls = type(type(exc).__name__, (ShortenTraceback, type(exc)), {"__module__": type(exc).__module__})
+        except TypeError:  # an incompatible base layout on some torch: leave it to Dynamo
+            return exc
+        _SURFACED[type(exc)] = cls
+    try:
+        return cls(str(exc), first_useful_frame=sys._getframe(1))
+    except TypeError:  # a ShortenTraceback with another constructor
+        return exc
+
+
+_SURFACED: dict[type, type] = {}
+
+
+def _cpu_note(cfg, example_inputs) -> Optional[str]:
+    """Why `lowering="auto"` rewrote nothing on a device without a difffuse lowering (CPU)."""
+    if cfg.lowering != "auto" or detect_from_tensors(example_inputs) != "inductor":
+        return None
+    kinds = sorted({t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}) or ["cpu"]
+    where = "CPU" if kinds == ["cpu"] else "/".join(kinds)
+    return (f"lowering 'auto' on {where}: difffuse rewrites nothing there (plain Inductor; the fused kernels "
+            "are CUDA/ROCm/NPU lowerings). To see the rewrites, compile with options={'lowering': 'reference'} "
+            "(pure-PyTorch fused ops: a correctness path, slower than Inductor on CPU)")
+
+
+def _add_note(rec: Optional[GraphRecord], note: Optional[str]) -> None:
+    if rec is not None and note and note not in rec.notes:
+        rec.notes.append(note)
+
+
 def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None,
                      mode: Optional[str] = None) -> Any:
     """The `difffuse` torch.compile backend."""
     from torch._inductor.compile_fx import compile_fx
 
-    cfg = parse_options(options, mode)
+    try:
+        cfg = parse_options(options, mode)
+    except OptionError as exc:
+        raise _surfaced(exc) from None
     patches = dict(cfg.inductor_options)
     name = f"graph{next(_counter)}"
     if cfg.disabled:
@@ -153,17 +201,21 @@ def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
     key = _entry_key(gm, example_inputs, cfg)
     # A cached compiled graph calls the lowering's ops without running the pass: load it now.
     load_lowering(detect_from_tensors(example_inputs) if cfg.lowering == "auto" else cfg.lowering)
+    note = _cpu_note(cfg, example_inputs)
     fusion = DifffusePass(cfg, name, key)
     if not cfg.inductor:
-        return _run_eager(gm, example_inputs, fusion)
+        compiled = _run_eager(gm, example_inputs, fusion)
+        _add_note(fusion.record, note)
+        return compiled
     patches["post_grad_custom_post_pass"] = fusion
     inner = _InnerCompile(fusion, cfg, name)
     compiled = compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
     if inner.called:
         if inner.record is not None:  # so that an AOTAutograd cache hit on this Dynamo graph finds it
             save_record(key, inner.record)
+            _add_note(inner.record, note)  # after saving: the note is about this process's device
     else:  # AOTAutograd's cache answered: only the Dynamo-level key can find the record
-        _cached(name, cfg, load_record(key))
+        _add_note(_cached(name, cfg, load_record(key)), note)
     return compiled
 
 
