@@ -9,7 +9,10 @@ percentage is of the GPU's dense bf16 tensor peak (4·B·H·Lq·Lkv·D flop per 
 the relative error vs an fp32 reference on a slice of query rows, and FA4's first-call
 cost in a fresh process, cold and with its on-disk compile cache.
 
-    python benchmarks/attention.py [--fa3-module NAME] [--cold-start]
+    python -m benchmarks.attention [--fa3-module NAME] [--cold-start] [--kv-sweep] [--shapes NAME,...] [--csv PATH]
+
+(with --csv: the per-call table in PATH, the error table and the key-count sweep next to it,
+PATH's stem + `.rel_err` / `.kv_sweep`)
 """
 from __future__ import annotations
 
@@ -22,13 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _bench  # noqa: E402
+from benchmarks import harness
 
 SHAPES = {  # name: (B, Lq, Lkv, H, D)
     "Wan 1.3B self": (1, 32760, 32760, 12, 128),
@@ -79,7 +80,7 @@ def rel_err(out, q, k, v, rows=256) -> float:
     return ((out[:, :, idx].float() - ref).norm() / ref.norm()).item()
 
 
-def per_call(fa3_module: str | None) -> None:
+def per_call(fa3_module: str | None, csv: str | None = None) -> None:
     import difffuse
     from difffuse.lowering import flash_attention as fa
 
@@ -103,7 +104,7 @@ def per_call(fa3_module: str | None) -> None:
                 errs.append((name, kname, rel_err(fn(q, k, v), q, k, v)))
             for _ in range(ROUNDS):  # kernels alternated, median over rounds
                 for kname, fn in runs.items():
-                    times[kname].append(_bench.bench_ms(lambda: fn(q, k, v), rep=300 if lq > 20000 else 150))
+                    times[kname].append(harness.bench_ms(lambda: fn(q, k, v), rep=300 if lq > 20000 else 150))
         times = {kname: statistics.median(ts) for kname, ts in times.items()}
         best = min(t for n, t in times.items() if not n.startswith("difffuse"))
         flop = 4 * b * h * lq * lkv * d
@@ -115,10 +116,10 @@ def per_call(fa3_module: str | None) -> None:
         print(row, flush=True)
     cols = list(dict.fromkeys(c for r in rows for c in r))
     print("\nms per call (% of dense bf16 peak)" + (f"; FA3 = module {fa3_module}" if fa3_module else ""))
-    print(_bench.table(rows, cols))
+    print(harness.table(rows, cols, csv=csv))
     print("\nrelative error vs fp32 (256 query rows)")
-    print(_bench.table([{"shape": s, "kernel": k, "rel err": f"{e:.2e}"} for s, k, e in errs],
-                       ["shape", "kernel", "rel err"]))
+    print(harness.table([{"shape": s, "kernel": k, "rel err": f"{e:.2e}"} for s, k, e in errs],
+                        ["shape", "kernel", "rel err"], csv=harness.csv_path(csv, "rel_err")))
 
 
 COLD = """
@@ -144,7 +145,7 @@ def cold_start() -> None:
             print(f"FA4 {label}: {out.stdout.strip() or out.stderr.strip()[-300:]}")
 
 
-def kv_sweep() -> None:
+def kv_sweep(csv: str | None = None) -> None:
     """Where FA4 overtakes cuDNN as the key count grows (Wan 1.3B's 32760 queries, 12 heads)."""
     fns = kernels()
     rows = []
@@ -155,10 +156,10 @@ def kv_sweep() -> None:
         with torch.no_grad():
             for _ in range(ROUNDS):
                 for n, fn in fns.items():
-                    ts[n].append(_bench.bench_ms(lambda: fn(q, k, v), rep=100))
+                    ts[n].append(harness.bench_ms(lambda: fn(q, k, v), rep=100))
         rows.append({"Lkv": lkv, **{n: f"{statistics.median(t):.3f}" for n, t in ts.items()}})
     print("\nms per call, (1, 32760, Lkv, 12, 128) bf16")
-    print(_bench.table(rows, list(rows[0])))
+    print(harness.table(rows, list(rows[0]), csv=harness.csv_path(csv, "kv_sweep")))
 
 
 def main():
@@ -168,6 +169,7 @@ def main():
     ap.add_argument("--cold-start", action="store_true")
     ap.add_argument("--kv-sweep", action="store_true")
     ap.add_argument("--shapes", default=None, help="comma-separated subset of the shape names")
+    harness.add_csv_arg(ap, "the error table and the key-count sweep to PATH's stem + .rel_err / .kv_sweep")
     a = ap.parse_args()
     if a.fa3_module:
         sys.modules["flash_attn_interface"] = importlib.import_module(a.fa3_module)
@@ -176,12 +178,12 @@ def main():
         for s in list(SHAPES):
             if s not in keep:
                 del SHAPES[s]
-    print(_bench.header())
+    print(harness.header())
     t = time.perf_counter()
-    per_call(a.fa3_module)
+    per_call(a.fa3_module, a.csv)
     print(f"\n(per-call tables took {time.perf_counter() - t:.0f} s)")
     if a.kv_sweep:
-        kv_sweep()
+        kv_sweep(a.csv)
     if a.cold_start:
         cold_start()
 

@@ -6,7 +6,7 @@ Two parts:
 2. cuDNN SDPA alone at Wan's self-attention shape with q/k/v (and the output) in each
    memory layout, to see which layout the kernel reads fastest.
 
-    python benchmarks/attention_layout.py --model 1.3b --layers 2
+    python -m benchmarks.attention_layout --model 1.3b --layers 2 [--rounds 5] [--csv PATH]
 """
 from __future__ import annotations
 
@@ -14,17 +14,14 @@ import argparse
 import collections
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _bench  # noqa: E402
-import wan_step  # noqa: E402
-from wan_step import ATTN_WORDS  # noqa: E402
+from benchmarks import harness
+from benchmarks.harness import ATTN_WORDS
 
 
 def trace_step(model, kwargs) -> list[dict]:
@@ -80,7 +77,7 @@ def sdpa_table(tokens: int, heads: int, text: int = 512) -> list[dict]:
         for name, (q, k, v) in layouts(1, tokens, heads, 128, lk).items():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 out = F.scaled_dot_product_attention(q, k, v)
-                ms = _bench.bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), rep=200)  # noqa: B023
+                ms = harness.bench_ms(lambda: F.scaled_dot_product_attention(q, k, v), rep=200)  # noqa: B023
             rows.append({"attention": what, "layout": name, "ms": f"{ms:.3f}",
                          "out strides": str(tuple(out.stride()))})
     return rows
@@ -88,17 +85,18 @@ def sdpa_table(tokens: int, heads: int, text: int = 512) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=list(wan_step.MODELS), default="1.3b")
+    ap.add_argument("--model", choices=list(harness.WAN_MODELS), default="1.3b")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5, help="alternated profiling rounds")
+    harness.add_csv_arg(ap)
     a = ap.parse_args()
     torch.manual_seed(0)
-    print(_bench.header())
-    model, kwargs, tokens = wan_step.build(a.model, a.layers)
+    print(harness.header())
+    model, kwargs, tokens = harness.build_wan(a.model, a.layers)
     heads = model.config.num_attention_heads
     eager_blocks = model.blocks
-    blocks = {"eager": eager_blocks, "inductor": wan_step.regional(eager_blocks, "inductor"),
-              "difffuse": wan_step.regional(eager_blocks, "difffuse")}
+    blocks = {"eager": eager_blocks, "inductor": harness.regional(eager_blocks, "inductor"),
+              "difffuse": harness.regional(eager_blocks, "difffuse")}
     per_round = {m: [] for m in blocks}
     with torch.no_grad():
         for mode, bl in blocks.items():
@@ -110,7 +108,7 @@ def main():
             for mode in order:
                 model.blocks = blocks[mode]
                 ops, kernels = summarize(trace_step(model, kwargs))
-                per_round[mode].append((sum(us for _, us in kernels.values()), _bench.clocks()))
+                per_round[mode].append((sum(us for _, us in kernels.values()), harness.clocks()))
                 if r == 0:
                     print(f"\n== {mode}: attention ops (name, input dims, input strides) x count")
                     for (n, dims, strides), c in ops.items():
@@ -123,7 +121,7 @@ def main():
         print(f"  {mode:9s} " + "  ".join(f"{us:9.1f} [{clk}]" for us, clk in vals))
     print(f"\n== cuDNN SDPA alone, B=1, L={tokens}, H={heads}, D=128, bf16")
     rows = sdpa_table(tokens, heads)
-    print(_bench.table(rows, list(rows[0])))
+    print(harness.table(rows, list(rows[0]), csv=a.csv))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,19 @@
 """One denoising step of a non-Wan DiT (random weights, bf16, realistic widths and token
 counts, fewer blocks than the real model): eager vs Inductor regional (with and without
 attention routed by hand) vs difffuse regional (without and with attention routing), modes
-alternated. Same protocol, modes (`_modes.py`) and columns as wan_step.py.
+alternated. Same protocol, modes (`benchmarks/harness.py`) and columns as wan_step.
 
-    python benchmarks/dit_step.py --model flux|qwen-image|hunyuan-video|ltx-video|cogvideox
-                                  [--layers N] [--rounds 3] [--steps 3]
+    python -m benchmarks.dit_step --model flux|qwen-image|hunyuan-video|ltx-video|cogvideox
+                                  [--layers N] [--rounds 3] [--steps 3] [--csv PATH]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _bench  # noqa: E402
-import _modes  # noqa: E402
-from wan_step import profile_into, rel_err, step_ms  # noqa: E402
-
-import difffuse  # noqa: E402
+from benchmarks import harness
 
 BF = torch.bfloat16
 
@@ -144,62 +135,25 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true", help="skip the hand-routed Inductor mode")
+    harness.add_csv_arg(ap)
     a = ap.parse_args()
     torch.manual_seed(0)
     model, kwargs, tokens = build(a.model, a.layers)
     eager = block_lists(model)
-    specs = {m.name: m for m in _modes.modes(peer=not a.no_peer)}
-    modes = {name: {n: _modes.compiled(ml, m) for n, ml in eager.items()} for name, m in specs.items()}
-    print(_bench.header())
+    specs = {m.name: m for m in harness.modes(peer=not a.no_peer)}
+    modes = {name: {n: harness.compiled(ml, m) for n, ml in eager.items()} for name, m in specs.items()}
+    print(harness.header())
     print(f"{a.model}: " + ", ".join(f"{len(ml)} {n}" for n, ml in eager.items()) + f", {tokens} tokens, bf16, "
           "regional compile")
-    res = {m: {"times": []} for m in modes}
-    with torch.no_grad():
-        for mode, lists in modes.items():
-            use(model, lists)
-            difffuse.reset_report()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with _modes.entered(specs[mode]):
-                res[mode]["out"] = model(**kwargs)[0]
-            torch.cuda.synchronize()
-            res[mode]["compile s"] = time.perf_counter() - t
-            if specs[mode].backend == "difffuse":
-                rep = difffuse.report()
-                res[mode]["matches"], res[mode]["misses"] = rep.matches(), [m.reason[:80] for m in rep.misses]
-                res[mode]["notes"] = [n for g in rep.graphs for n in g.notes]
-        for r in range(a.rounds):
-            for mode, lists in modes.items():
-                use(model, lists)
-                with _modes.entered(specs[mode]):
-                    res[mode]["times"].append(step_ms(model, kwargs, a.steps))
-                res[mode].setdefault("clocks", []).append(_bench.clocks())
-            print(f"round {r}: " + ", ".join(f"{m} {res[m]['times'][-1]:.1f} ms" for m in modes), flush=True)
-            for mode, lists in modes.items():
-                use(model, lists)
-                with _modes.entered(specs[mode]):
-                    profile_into(res[mode], model, kwargs)
-    ref, base = res["eager"]["out"], statistics.median(res["inductor"]["times"])
-    peer = next((m for m in res if m.startswith("inductor+")), None)
-    peer_ms = statistics.median(res[peer]["times"]) if peer else None
-    rows = []
-    for mode in modes:
-        med = statistics.median(res[mode]["times"])
-        rows.append({"model": a.model, "mode": mode, "step ms (median)": f"{med:.1f}",
-                     "vs inductor": f"{base / med:.3f}x",
-                     "vs peer": f"{peer_ms / med:.3f}x" if peer else "-", "first call s": f"{res[mode]['compile s']:.1f}",
-                     "rel err vs eager": f"{rel_err(res[mode]['out'], ref):.2e}",
-                     "attention ms": f"{res[mode]['attn']:.1f}", "other non-GEMM ms": f"{res[mode]['other']:.1f}"})
+    res = harness.alternate(model, kwargs, specs, lambda mode: use(model, modes[mode]), a.rounds, a.steps)
+    rows = [{"model": a.model, **row} for row in harness.step_rows(res)]
     print()
-    print(_bench.table(rows, list(rows[0])))
-    for mode in ("inductor", "difffuse"):
-        print(f"\ntop memory-bound kernels, {mode} (ms per step):")
-        for t, name in res[mode]["top"][:8]:
-            print(f"  {t:8.2f}  {name}")
+    print(harness.table(rows, list(rows[0]), csv=a.csv))
+    harness.print_top(res, 8)
     for mode in (m for m in modes if specs[m].backend == "difffuse"):
         d = res[mode]
         print(f"\n{mode} matches (per compiled block graph): {d.get('matches')}, "
-              f"misses {sorted(set(d.get('misses')))}, notes {d.get('notes')}")
+              f"misses {sorted({r[:80] for r in d['reasons']})}, notes {d.get('notes')}")
 
 
 if __name__ == "__main__":

@@ -2,32 +2,28 @@
 directly (rms_norm D=5120: 217 vs 165 µs on an H200): time both with the profiler and
 print the launch metadata Inductor generates for it.
 
-    python benchmarks/graph_kernel_probe.py
+    python -m benchmarks.graph_kernel_probe
 """
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch._inductor.utils import run_and_get_code
 from torch._library.triton import set_wrap_triton_enabled
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _bench  # noqa: E402
-from kernels import gpu_us  # noqa: E402
-
-import difffuse  # noqa: E402,F401
-from difffuse.lowering import cuda  # noqa: E402
+import difffuse  # noqa: F401
+from benchmarks import harness
+from benchmarks.harness import gpu_us
+from difffuse.lowering import cuda
 
 BF16, F32 = torch.bfloat16, torch.float32
 L = 32760
 
 
 def main():
-    print(_bench.header())
+    print(harness.header())
     for d in (5120, 1536):
         x = torch.randn(1, L, d, device="cuda", dtype=BF16)
         m = nn.RMSNorm(d, eps=1e-6, dtype=BF16, device="cuda")

@@ -7,23 +7,20 @@ is those bytes at the measured copy bandwidth. A second column sums the GPU kern
 durations per call from the profiler (back-to-back calls, no flush): the part of a
 timed call that is kernel work, not host launch overhead.
 
-    python benchmarks/kernels.py [--rounds 3] [--only NAME]
+    python -m benchmarks.kernels [--rounds 3] [--only NAME] [--warps JSON] [--qk-kernel triton|jit] [--csv PATH]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _bench  # noqa: E402
-
-import difffuse  # noqa: E402
+import difffuse
+from benchmarks import harness
+from benchmarks.harness import gpu_us
 
 BF16, F32 = torch.bfloat16, torch.float32
 L480, L704 = 32760, 27280  # Wan 2.1 480p x 81 frames; Wan 2.2 TI2V-5B 704p x 121
@@ -150,23 +147,6 @@ def close(a, b) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
 
 
-def gpu_us(fn, calls: int = 20) -> tuple[float, str]:
-    """(sum of the GPU kernels' durations per call, the kernels with their counts per
-    call), from the profiler without launch gaps: what the kernels cost when the host
-    keeps ahead, as in a model step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    names = ", ".join(f"{e.key[:40]} x{e.count // calls}" for e in evs)
-    return sum(e.device_time_total for e in evs) / calls, names
-
-
 def run_case(name, rounds, bw):
     module, args = CASES[name]()
     module = module.cuda()
@@ -184,7 +164,7 @@ def run_case(name, rounds, bw):
         kern, names = {m: [] for m in modes}, {}
         for _ in range(rounds):
             for m, fn in modes.items():
-                times[m].append(_bench.bench_ms(fn) * 1e3)
+                times[m].append(harness.bench_ms(fn) * 1e3)
                 us, names[m] = gpu_us(fn)
                 kern[m].append(us)
     med = {m: statistics.median(t) for m, t in times.items()}
@@ -209,23 +189,24 @@ def main():
     ap.add_argument("--only", default=None, help="substring of a subgraph name")
     ap.add_argument("--warps", default=None, help="json file from tune_triton.py: Triton num_warps table")
     ap.add_argument("--qk-kernel", choices=["triton", "jit"], default=None, help="qk-norm+rope kernel")
+    harness.add_csv_arg(ap)
     a = ap.parse_args()
     if a.qk_kernel:
         from difffuse.lowering import cuda
 
         cuda.QK_KERNEL = a.qk_kernel
-    _bench.load_warps(a.warps)
-    bw = _bench.copy_bandwidth()
-    print(_bench.header())
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); clocks before: {_bench.clocks()}")
+    harness.load_warps(a.warps)
+    bw = harness.copy_bandwidth()
+    print(harness.header())
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write); clocks before: {harness.clocks()}")
     rows = []
     for name in CASES:
         if a.only and a.only not in name:
             continue
         rows.append(run_case(name, a.rounds, bw))
         print(rows[-1], flush=True)
-    print(f"clocks after: {_bench.clocks()}\n")
-    print(_bench.table(rows, list(rows[0])))
+    print(f"clocks after: {harness.clocks()}\n")
+    print(harness.table(rows, list(rows[0]), csv=a.csv))
 
 
 if __name__ == "__main__":

@@ -2,28 +2,28 @@
 kernel and the JIT CUDA C++ kernel, each called directly (µs, L2 flushed) and checked
 against the reference op.
 
-    python benchmarks/qk_candidates.py
+    python -m benchmarks.qk_candidates [--csv PATH]
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _bench  # noqa: E402
-
-from difffuse.lowering import cuda_jit, ops  # noqa: E402
-from difffuse.lowering import triton_kernels as tk  # noqa: E402
+from benchmarks import harness
+from difffuse.lowering import cuda_jit, ops
+from difffuse.lowering import triton_kernels as tk
 
 L = 32760
 
 
 def main():
-    bw = _bench.copy_bandwidth()
-    print(_bench.header())
+    ap = argparse.ArgumentParser()
+    harness.add_csv_arg(ap)
+    a = ap.parse_args()
+    bw = harness.copy_bandwidth()
+    print(harness.header())
     why = cuda_jit.available()
     print(f"JIT kernel: {'available' if why is None else why}")
     rows = []
@@ -42,13 +42,13 @@ def main():
         with set_wrap_triton_enabled(False):
             for name, fn in cands.items():
                 err = (fn(*args).float() - ref.float()).abs().max().item()
-                us = _bench.bench_ms(lambda: fn(*args)) * 1e3
+                us = harness.bench_ms(lambda: fn(*args)) * 1e3
                 row[f"{name} µs"] = f"{us:.1f}"
                 row[f"{name} max|err|"] = f"{err:.3g}"
         rows.append(row)
         print(row, flush=True)
     print()
-    print(_bench.table(rows, list(rows[0])))
+    print(harness.table(rows, list(rows[0]), csv=a.csv))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ kernel also the heads per chunk, and print the fastest in the form of
 `triton_kernels.WARPS` and `triton_kernels.QK_HEADS`. Kernels are launched directly (no HOP
 dispatch), timed with L2 flushed.
 
-    python benchmarks/tune_triton.py
+    python -m benchmarks.tune_triton [OUT.json [KERNEL]]
+
+(OUT.json: the best WARPS table, for `python -m benchmarks.kernels --warps OUT.json`;
+KERNEL: only the cases whose kernel key contains it, e.g. qk_norm_rope)
 """
 from __future__ import annotations
 
@@ -13,11 +16,9 @@ from pathlib import Path
 import torch
 from torch._library.triton import set_wrap_triton_enabled
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _bench  # noqa: E402
-
-from difffuse.lowering import cuda  # noqa: E402
-from difffuse.lowering import triton_kernels as tk  # noqa: E402
+from benchmarks import harness
+from difffuse.lowering import cuda
+from difffuse.lowering import triton_kernels as tk
 
 BF16, F32 = torch.bfloat16, torch.float32
 L = 32760
@@ -70,8 +71,8 @@ def nbytes(args, out) -> int:
 
 
 def main():
-    bw = _bench.copy_bandwidth()
-    print(_bench.header())
+    bw = harness.copy_bandwidth()
+    print(harness.header())
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     best: dict = {}  # WARPS: kernel -> {block: warps}
     best_qk: dict = {}  # QK_HEADS: heads -> (µs, heads per chunk, warps)
@@ -97,7 +98,7 @@ def main():
                     else:
                         tk.WARPS[key] = {blk: w}
                     try:
-                        times[w] = _bench.bench_ms(lambda: fn(*args)) * 1e3
+                        times[w] = harness.bench_ms(lambda: fn(*args)) * 1e3
                         row[f"w{w} µs"] = f"{times[w]:.1f}"
                     except Exception as exc:  # noqa: BLE001  (a config Triton cannot build)
                         row[f"w{w} µs"] = type(exc).__name__
@@ -114,10 +115,10 @@ def main():
             tk.QK_HEADS.clear()
             tk.QK_HEADS.update(saved_qk)
     print()
-    print(_bench.table(rows, list(rows[0])))
+    print(harness.table(rows, list(rows[0])))
     print(f"\nWARPS = {best}")
     print(f"QK_HEADS = { {h: (hc, w) for h, (_, hc, w) in best_qk.items()} }")
-    if len(sys.argv) > 1 and sys.argv[1]:  # a file to write the table to (json), for benchmarks/kernels.py --warps
+    if len(sys.argv) > 1 and sys.argv[1]:  # a file to write the table to (json), for benchmarks.kernels --warps
         import json
 
         Path(sys.argv[1]).write_text(json.dumps(best))

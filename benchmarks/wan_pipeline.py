@@ -1,26 +1,21 @@
 """Whole WanPipeline (T2V) at Wan 2.1 1.3B shapes with random weights, 480p x 81 frames:
 eager vs Inductor regional vs difffuse regional. Text embeddings are random
 `prompt_embeds` (no text encoder); the VAE is diffusers' default AutoencoderKLWan config.
-Modes share one transformer's weights (compiled blocks swapped in, as in wan_step.py) and
+Modes share one transformer's weights (compiled blocks swapped in, as in wan_step) and
 alternate over rounds. Prints pipeline seconds (denoising + VAE decode) and per-step ms.
 
-    python benchmarks/wan_pipeline.py [--steps 4] [--rounds 2] [--height 480 --width 832 --frames 81]
+    python -m benchmarks.wan_pipeline [--steps 4] [--rounds 2] [--height 480 --width 832 --frames 81] [--csv PATH]
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _bench  # noqa: E402
-from wan_step import build, regional  # noqa: E402
-
-import difffuse  # noqa: E402
+import difffuse
+from benchmarks import harness
 
 
 def pipeline(transformer):
@@ -74,15 +69,16 @@ def main():
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--warps", default=None)
+    harness.add_csv_arg(ap)
     a = ap.parse_args()
-    _bench.load_warps(a.warps)
+    harness.load_warps(a.warps)
     torch.manual_seed(0)
-    transformer, _, _ = build("1.3b", None)
+    transformer, _, _ = harness.build_wan("1.3b", None)
     pipe = pipeline(transformer)
     pipe.set_progress_bar_config(disable=True)
-    blocks = {"eager": transformer.blocks, "inductor": regional(transformer.blocks, "inductor"),
-              "difffuse": regional(transformer.blocks, "difffuse")}
-    print(_bench.header())
+    blocks = {"eager": transformer.blocks, "inductor": harness.regional(transformer.blocks, "inductor"),
+              "difffuse": harness.regional(transformer.blocks, "difffuse")}
+    print(harness.header())
     print(f"WanPipeline T2V, 1.3B shapes, {a.height}x{a.width}x{a.frames}, {a.steps} steps, CFG 5.0, bf16 "
           f"transformer, fp32 VAE")
     res = {m: {"total": [], "steps": []} for m in blocks}
@@ -101,7 +97,7 @@ def main():
             res[mode]["steps"].extend(steps)
         if r:
             print(f"round {r}: " + ", ".join(f"{m} {res[m]['total'][-1]:.2f} s" for m in blocks) +
-                  f"; clocks {_bench.clocks()}", flush=True)
+                  f"; clocks {harness.clocks()}", flush=True)
     dec = decode_seconds(pipe, a)
     for m in blocks:
         res[m]["total"] = [t + dec for t in res[m]["total"]]
@@ -111,7 +107,7 @@ def main():
              "vs inductor": f"{base / statistics.median(res[m]['total']):.3f}x",
              "first call s (incl. compile)": f"{first[m]:.1f}"} for m in blocks]
     print()
-    print(_bench.table(rows, list(rows[0])))
+    print(harness.table(rows, list(rows[0]), csv=a.csv))
     print(f"\nVAE decode {dec:.2f} s in every mode (the VAE is not compiled)")
     print(f"difffuse matches per block graph: {res['difffuse'].get('matches')}")
 

@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_tp_rms_norm import _free_port
+
+from difffuse.testing.distributed import free_port
 
 WORLD, HEADS, HD, SEQ = 2, 4, 8, 10  # SEQ tokens per rank
 aten = torch.ops.aten
@@ -199,4 +200,4 @@ def worker(rank: int, port: int, tests_dir: str) -> None:
 
 
 def test_context_parallel_graphs_two_process_gloo():
-    mp.spawn(worker, args=(_free_port(), os.path.dirname(os.path.abspath(__file__))), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), os.path.dirname(os.path.abspath(__file__))), nprocs=WORLD, join=True)

@@ -19,6 +19,7 @@ import difffuse
 from conftest import DEVICE, TOL, assert_close
 from difffuse.lowering import cuda, ops
 from difffuse.lowering.sites import SITE_TYPES, TensorSpec
+from difffuse.testing.expected import expected
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 F32 = torch.float32
@@ -262,11 +263,14 @@ def test_wan_with_cuda_lowering():
         ref = model(**kwargs)[0]
         out = torch.compile(model, backend="difffuse", options={"lowering": "cuda"})(**kwargs)[0]
     rep = difffuse.report()
-    want = {"qk_norm_rope": 4, "rms_norm": 4, "norm_scale_shift": 7}
-    if DEVICE == "cuda":
-        want["linear_gelu"] = 3
-    assert rep.matches() == want, str(rep)
-    assert all("erf-GELU" in m.reason for m in rep.misses), str(rep)
+    # the reference lowering's matches (difffuse.testing.expected) less attention and, off a
+    # GPU, linear_gelu (tanh-GELU needs CUDA tensors)
+    want = {f: n for f, n in expected("wan-t2v-tiny", 2).items()
+            if f != "attention" and (f != "linear_gelu" or DEVICE == "cuda")}
+    # attention: the flash kernels take CUDA bf16 calls of their head dims, tested in
+    # test_flash_attention_cuda.py; off a GPU every call is a reported decline
+    assert {f: n for f, n in rep.matches().items() if f != "attention"} == want, str(rep)
+    assert all("erf-GELU" in m.reason for m in rep.misses if m.family != "attention"), str(rep)
     rtol, atol = TOL[torch.bfloat16]
     torch.testing.assert_close(out.float(), ref.float(), rtol=2 * rtol, atol=2 * atol)
 
@@ -288,9 +292,11 @@ def test_ti2v_per_token_modulation_left_to_inductor():
         model.compile_repeated_blocks(backend="difffuse", options={"lowering": "cuda"})
         out = model(**kwargs)[0]
     rep = difffuse.report()
-    assert rep.matches()["qk_norm_rope"] == 2 and rep.matches()["rms_norm"] == 2, str(rep)
+    want = expected("wan-ti2v-tiny", 2, regional=True)
+    assert all(rep.matches()[f] == want[f] for f in ("qk_norm_rope", "rms_norm")), str(rep)
     per_token = [m for m in rep.misses if "per-token" in m.reason]
-    assert per_token and all("per-token" in m.reason or "erf-GELU" in m.reason for m in rep.misses), str(rep)
+    assert per_token and all("per-token" in m.reason or "erf-GELU" in m.reason
+                             for m in rep.misses if m.family != "attention"), str(rep)
     rtol, atol = TOL[torch.bfloat16]
     torch.testing.assert_close(out.float(), ref.float(), rtol=2 * rtol, atol=2 * atol)
 

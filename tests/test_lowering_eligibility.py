@@ -15,7 +15,7 @@ import torch
 import difffuse.lowering as lowering_pkg
 from difffuse.lowering import cuda, cuda_jit, reference
 from difffuse.lowering.sites import SITE_TYPES, TensorSpec
-from test_vendor_lowerings import _use, aiter_modules, npu_modules
+from difffuse.testing.vendor_stubs import aiter_modules, install, npu_modules
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 FLOATS = (F32, BF16, F16)
@@ -200,7 +200,7 @@ def test_jit_supports():
 # ====================================================================== NPU and ROCm (stand-in packages)
 @pytest.fixture
 def npu(monkeypatch):
-    _use(monkeypatch, npu_modules([]), "difffuse.lowering.npu")
+    install(monkeypatch, npu_modules([]), "difffuse.lowering.npu")
     from difffuse.lowering import npu as module
 
     return module
@@ -208,7 +208,7 @@ def npu(monkeypatch):
 
 @pytest.fixture
 def rocm(monkeypatch):
-    _use(monkeypatch, aiter_modules([]), "difffuse.lowering.rocm")
+    install(monkeypatch, aiter_modules([]), "difffuse.lowering.rocm")
     from difffuse.lowering import rocm as module
 
     return module

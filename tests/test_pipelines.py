@@ -9,23 +9,10 @@ import torch
 
 import difffuse
 from difffuse.testing.expected import expected, expected_misses, miss_counts
-from difffuse.testing.tiny_pipelines import LAYERS, MODEL_OF, PIPELINES, prompt_embeds
+from difffuse.testing.tiny_pipelines import LAYERS, MODEL_OF, PIPELINES, call
 
 pytest.importorskip("diffusers")
 OPTS = {"lowering": "reference"}
-
-
-def call(pipe, kind, h=32, w=32, frames=9, steps=2, device="cpu", guidance=5.0):
-    pe, ne = (t.to(device) for t in prompt_embeds())
-    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=h, width=w, num_frames=frames,
-              num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-              generator=torch.Generator().manual_seed(0))
-    if kind == "i2v":
-        from PIL import Image
-
-        kw["image"] = Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype("uint8"))
-    with torch.no_grad():
-        return pipe(**kw).frames[0]
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v", "ti2v"])

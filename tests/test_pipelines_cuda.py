@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import difffuse
+from difffuse.testing import tiny_pipelines
 from difffuse.testing.tiny_pipelines import PIPELINES
-from test_pipelines import call as cpu_call
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.cuda
 
 
 def call(pipe, kind, **kw):
-    return cpu_call(pipe, kind, device="cuda", **kw)
+    return tiny_pipelines.call(pipe, kind, device="cuda", **kw)
 
 
 def fresh(kind="t2v", device="cuda"):

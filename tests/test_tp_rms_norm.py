@@ -7,7 +7,6 @@ All cases run in one spawn of 2 processes."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
@@ -15,6 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as fc
 import torch.multiprocessing as mp
+
+from difffuse.testing.distributed import free_port
+from difffuse.testing.vendor_stubs import npu_modules
 
 WORLD, D = 2, 8
 
@@ -70,7 +72,6 @@ def worker(rank: int, port: int, tests_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     from conftest import assert_close  # fresh Inductor cache dir, caches off
-    from test_vendor_lowerings import npu_modules
 
     torch.manual_seed(0)  # same full tensors on both ranks; each keeps its shard
     x_full, w_full = torch.randn(2, 3, WORLD * D), torch.randn(WORLD * D)
@@ -127,13 +128,7 @@ def worker(rank: int, port: int, tests_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_tp_rms_norm_two_process_gloo():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(worker, args=(_free_port(), os.path.dirname(os.path.abspath(__file__))), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), os.path.dirname(os.path.abspath(__file__))), nprocs=WORLD, join=True)

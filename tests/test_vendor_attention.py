@@ -1,15 +1,16 @@
 """The attention family on the ROCm and NPU lowerings, contract-tested on CPU (design §5, §8).
 
-Stand-in `aiter.flash_attn_func` and `torch_npu.npu_fusion_attention` join the stand-in
-modules of test_vendor_lowerings.py. Each has the upstream signature (names, defaults;
-an unknown keyword is a TypeError), does what the upstream Python wrapper does to its
-inputs, ENFORCES the upstream checks (dtype, layout, strides, head dims, shapes; sources in
-the docstrings of difffuse/lowering/{rocm,npu}.py), computes the math in fp32 and returns
-what upstream returns, in its layout (aiter: a sliced `out` when the head dim was padded;
-NPU: the softmax max / sum 8 times over, not the lse). Asserted: the lowering's op equals
-`ops.attention_ref` (out and lse) with the reference op's shape, strides and dtype, and its
-fake agrees (torch.library.opcheck); `supports` refuses what the kernel cannot do, with the
-reason; compiled graphs route SDPA (and a read logsumexp) through the vendor call."""
+Stand-in `aiter.flash_attn_func` and `torch_npu.npu_fusion_attention`: the stand-in
+modules of difffuse.testing.vendor_stubs with `attention=True`. Each has the upstream
+signature (names, defaults; an unknown keyword is a TypeError), does what the upstream
+Python wrapper does to its inputs, ENFORCES the upstream checks (dtype, layout, strides,
+head dims, shapes; sources in the docstrings of difffuse/lowering/{rocm,npu}.py), computes
+the math in fp32 and returns what upstream returns, in its layout (aiter: a sliced `out`
+when the head dim was padded; NPU: the softmax max / sum 8 times over, not the lse).
+Asserted: the lowering's op equals `ops.attention_ref` (out and lse) with the reference
+op's shape, strides and dtype, and its fake agrees (torch.library.opcheck); `supports`
+refuses what the kernel cannot do, with the reason; compiled graphs route SDPA (and a read
+logsumexp) through the vendor call."""
 from __future__ import annotations
 
 import importlib
@@ -25,137 +26,22 @@ from conftest import assert_close, compile_and_run
 from difffuse.families import NAMES
 from difffuse.lowering import ops
 from difffuse.lowering.sites import AttentionSite, TensorSpec
-from test_vendor_lowerings import _use, aiter_modules, npu_modules
+from difffuse.testing.vendor_stubs import FLOATS, HALF, aiter_modules, install, npu_modules
 
 aten = torch.ops.aten
-HALF = (torch.float16, torch.bfloat16)
-FLOATS = (*HALF, torch.float32)
-
-
-def _sig(args):
-    return [(tuple(a.shape), a.dtype) for a in args]
-
-
-def _scores(q, k, v, scale, keep=None):
-    """fp32 scale * q k^T over [B, H, L, D] (masked to -inf where keep is False), its row lse
-    and softmax @ v: the math both stand-ins compute."""
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    return s, torch.logsumexp(s, -1), torch.matmul(torch.softmax(s, -1), v.float())
-
-
-# ====================================================================== stand-ins
-def flash_attn_stand_in(calls: list):
-    """aiter.flash_attn_func (ROCm/aiter main e404860 `aiter/ops/mha.py`; CK checks from
-    `csrc/py_itfs_ck/mha_fwd_kernels.cu`)."""
-
-    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1, 0),
-                        bias=None, alibi_slopes=None, deterministic=True, return_lse=False, return_attn_probs=False,
-                        how_v3_bf16_cvt=1, cu_seqlens_q=None, cu_seqlens_kv=None, sink_ptr=None, num_splits=0):
-        calls.append(("flash_attn_func", _sig([q, k, v]), {"dropout_p": dropout_p, "softmax_scale": softmax_scale,
-                                                           "causal": causal, "return_lse": return_lse}))
-        assert dropout_p == 0.0 and bias is None and alibi_slopes is None and tuple(window_size[:2]) == (-1, -1), \
-            "the stand-in computes plain attention only"
-        # the Python wrapper: default scale from the unpadded D, pad D and Dv to multiples of 8,
-        # copy inputs whose last dim is strided
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        dv_og = v.size(3)
-        if q.size(3) % 8:
-            q, k = (F.pad(t, [0, 8 - q.size(3) % 8]) for t in (q, k))
-        if v.size(3) % 8:
-            v = F.pad(v, [0, 8 - v.size(3) % 8])
-        q, k, v = (t.contiguous() if t.stride(-1) != 1 else t for t in (q, k, v))
-        # the CK entry point's checks
-        assert q.dtype in HALF, "FlashAttention only support fp16, bf16 and fp8_e4m3 data type"
-        assert k.dtype == q.dtype and v.dtype == q.dtype, "query, key and value must have the same dtype"
-        assert all(t.stride(-1) == 1 for t in (q, k, v)), "Input tensor must have contiguous last dimension"
-        b, lq, h, d = q.shape
-        lk, hk, dv = k.size(1), k.size(2), v.size(3)
-        assert b > 0, "batch size must be positive"
-        assert d <= 256 and dv <= 256, "CK only supports head dimension at most 256"
-        assert d % 8 == 0 and dv % 8 == 0, "head sizes must be multiples of 8"
-        assert h % hk == 0, "Number of heads in key/value must divide number of heads in query"
-        assert tuple(k.shape) == (b, lk, hk, d) and tuple(v.shape) == (b, lk, hk, dv), "bad k/v shape"
-        assert h == hk, "the stand-in has no grouped-query attention"
-        # bottom-right causal mask: key j is kept for query i when j <= i + lk - lq
-        keep = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq) if causal and lq > 1 else None
-        _, lse, out = _scores(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, keep)
-        out_padded = out.transpose(1, 2).to(q.dtype).contiguous()  # new [B, Lq, H, Dv padded]
-        result = [out_padded[..., :dv_og]]
-        if return_lse:
-            result.append(lse.contiguous())  # new fp32 [B, H, Lq]
-        if return_attn_probs:
-            result.append(torch.empty(0))
-        return result[0] if len(result) == 1 else tuple(result)
-
-    return flash_attn_func
-
-
-def fusion_attention_stand_in(calls: list):
-    """torch_npu.npu_fusion_attention (Ascend/op-plugin main 517f2e7: schema, the checks in
-    FlashAttentionKernelNpuOpApi.cpp, the API reference's limits, the golden model's outputs)."""
-
-    def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
-                             atten_mask=None, scale=1., keep_prob=1., pre_tockens=2147483647,
-                             next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
-                             actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False,
-                             softmax_layout="", sink=None, dropout_mask=None, seed=0, offset=0):
-        calls.append(("npu_fusion_attention", _sig([query, key, value]),
-                      {"head_num": head_num, "input_layout": input_layout, "scale": scale, "keep_prob": keep_prob,
-                       "inner_precise": inner_precise, "sparse_mode": sparse_mode,
-                       "atten_mask": None if atten_mask is None else (tuple(atten_mask.shape), atten_mask.dtype)}))
-        # the op's own checks
-        assert head_num > 0, "head_num must > 0"
-        assert all(t.dim() in (3, 4) for t in (query, key, value)), "3 or 4 dimensional inputs"
-        assert 0 < keep_prob <= 1, "The keep_prob value must be in range of (0, 1]"
-        assert input_layout.upper() in ("BSH", "SBH", "BNSD", "BSND", "TND"), "bad input_layout"
-        assert 0 <= sparse_mode <= 6, "The sparse_mode value must be in range of [0,6]"
-        assert softmax_layout == "", "softmax_layout=TND only with input_layout=TND"
-        assert keep_prob == 1 and pse is None and sink is None and prefix is None, "stand-in: plain attention"
-        assert input_layout == "BSND", "stand-in: the BSND layout the lowering passes"
-        # the API reference's limits
-        assert query.dtype in FLOATS and key.dtype == query.dtype and value.dtype == query.dtype, "dtypes"
-        b, sq, n, d = query.shape
-        _, skv, nkv, dv = value.shape
-        assert n == head_num, "BSND query's N must be head_num"
-        assert key.shape[:3] == value.shape[:3] and key.shape[0] == b, "key/value shapes equal except D"
-        assert key.shape[3] == d and d >= dv and 1 <= d <= 768, "Dq == Dk >= Dv, D in 1..768"
-        assert 1 <= n <= 256 and n % nkv == 0 and nkv == n, "N in 1..256 (no grouped-query in the stand-in)"
-        assert all(t.is_contiguous() for t in (query, key, value)), "stand-in: dense BSND inputs"
-        keep = None
-        if atten_mask is not None:  # True = masked out
-            assert sparse_mode in (2, 3), "stand-in: the causal sparse modes only"
-            assert atten_mask.dtype == torch.bool and tuple(atten_mask.shape) == (2048, 2048), \
-                "sparse modes 2/3 read the compressed 2048 x 2048 mask"
-            assert torch.equal(atten_mask, torch.ones(2048, 2048, dtype=torch.bool).triu(1)), "not the causal mask"
-            keep = torch.ones(sq, skv, dtype=torch.bool).tril(0 if sparse_mode == 2 else skv - sq)
-        s, _, out = _scores(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scale, keep)
-        m = s.amax(-1, keepdim=True)
-        total = torch.exp(s - m).sum(-1, keepdim=True)
-        eight = (b, n, sq, 8)
-        return (out.transpose(1, 2).to(query.dtype).contiguous(),  # new [B, Sq, N, Dv]
-                m.expand(eight).contiguous(), total.expand(eight).contiguous(),
-                torch.empty(0, dtype=query.dtype), 0, 0, 0)
-
-    return npu_fusion_attention
 
 
 @pytest.fixture
 def rocm_calls(monkeypatch):
     calls: list = []
-    modules = aiter_modules(calls)
-    modules["aiter"].flash_attn_func = flash_attn_stand_in(calls)
-    _use(monkeypatch, modules, "difffuse.lowering.rocm")
+    install(monkeypatch, aiter_modules(calls, attention=True), "difffuse.lowering.rocm")
     return calls
 
 
 @pytest.fixture
 def npu_calls(monkeypatch):
     calls: list = []
-    modules = npu_modules(calls)
-    modules["torch_npu"].npu_fusion_attention = fusion_attention_stand_in(calls)
-    _use(monkeypatch, modules, "difffuse.lowering.npu")
+    install(monkeypatch, npu_modules(calls, attention=True), "difffuse.lowering.npu")
     return calls
 
 
@@ -282,7 +168,7 @@ def test_vendor_function_missing_is_a_reason(monkeypatch, which):
     """An aiter / torch_npu without the attention entry point: the site stays, with the reason."""
     calls: list = []
     modules = aiter_modules(calls) if which == "rocm" else npu_modules(calls)
-    _use(monkeypatch, modules, f"difffuse.lowering.{which}")
+    install(monkeypatch, modules, f"difffuse.lowering.{which}")
     reason = lowering(which).supports(_spec_site((1, 2, 8, 64)))
     assert reason is not None and ("flash_attn_func" if which == "rocm" else "npu_fusion_attention") in reason
 

@@ -1,158 +1,39 @@
 """NPU / ROCm / MUSA lowerings, contract-tested on CPU (design §5): stand-in `sgl_kernel_npu`,
-`torch_npu` and `aiter` modules go into sys.modules, compute in PyTorch, ENFORCE what the
-real kernels assert or silently assume (read from the upstream sources cited in
-difffuse/lowering/{npu,rocm}.py) and record every call. Asserted: each lowering calls
-exactly the expected vendor function with the expected shapes, dtypes and constants;
-sites a kernel cannot do exactly stay with Inductor and the report says why; a missing
-package gives one WARNING naming it and the fallback; `inductor=False` and device
+`torch_npu` and `aiter` modules (difffuse.testing.vendor_stubs) go into sys.modules, compute
+in PyTorch, ENFORCE what the real kernels assert or silently assume (read from the upstream
+sources cited in difffuse/lowering/{npu,rocm}.py) and record every call. Asserted: each
+lowering calls exactly the expected vendor function with the expected shapes, dtypes and
+constants; sites a kernel cannot do exactly stay with Inductor and the report says why; a
+missing package gives one WARNING naming it and the fallback; `inductor=False` and device
 detection (overridden) work. Not run on Ascend or AMD hardware."""
 from __future__ import annotations
 
-import importlib.machinery
 import logging
-import sys
 import types
 
 import pytest
 import torch
 import torch.nn as nn
 
-import difffuse.lowering as lowering
 from conftest import assert_close, compile_and_run
 from difffuse.fusion_pass import backend, device, pass_manager
 from difffuse.lowering import ops
 from difffuse.lowering.sites import SITE_TYPES, TensorSpec
-
-# ====================================================================== stand-ins
-def _sig(args):
-    return [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
-
-
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def npu_modules(calls: list) -> dict:
-    """sys.modules entries for sgl_kernel_npu (+ norm.rmsnorm_split, norm.scale_shift) and torch_npu."""
-
-    def fused_variance(x):
-        B, L, C = x.shape[0], x.shape[1], x.shape[2]  # upstream reads exactly these
-        assert x.dim() == 3, "fused_variance reads x as [B, L, C]"
-        assert x.is_contiguous(), "fused_variance indexes x as contiguous rows"
-        calls.append(("fused_variance", _sig([x]), {}))
-        return x.pow(2).mean(-1, keepdim=True).to(x.dtype)  # no upcast: x's dtype
-
-    def fused_rsqrt_mul(x, variance, weight, eps=1e-6):
-        B, L, C = x.shape[0], x.shape[1], x.shape[2]
-        assert x.dim() == 3 and x.is_contiguous(), "fused_rsqrt_mul reads x as contiguous [B, L, C]"
-        assert variance.numel() == B * L and variance.is_contiguous(), "one variance per row"
-        assert weight is not None and weight.numel() == C and weight.is_contiguous(), "weight: C values"
-        calls.append(("fused_rsqrt_mul", _sig([x, variance, weight]), {"eps": eps}))
-        y = x * torch.rsqrt(variance.reshape(B, L, 1) + eps) * weight.reshape(C)
-        return y.to(x.dtype)  # empty_like(x)
-
-    def fused_scale_shift(x, scale, shift, scale_constant=1.0):
-        num_tokens, hidden = x.shape[0] * x.shape[1], x.shape[2]
-        assert x.dim() == 3 and x.is_contiguous(), "fused_scale_shift indexes x as contiguous [B, L, D]"
-        scale, shift = scale.view(-1), shift.view(-1)  # upstream: view, not reshape
-        assert scale.numel() in (1, hidden), f"Scale size must be 1 or {hidden}, got {scale.numel()}"
-        assert shift.numel() in (1, hidden, num_tokens * hidden), f"bad shift size {shift.numel()}"
-        calls.append(("fused_scale_shift", _sig([x, scale, shift]), {"scale_constant": scale_constant}))
-        if shift.numel() == num_tokens * hidden:  # kernel 2: reads D scale values
-            assert scale.numel() == hidden, "scalar scale with a full shift: the real kernel reads out of bounds"
-            y = x * (scale_constant + scale) + shift.view(x.shape).float()
-        else:  # kernel 1: scale_constant is ignored, 1.0 is used
-            y = x * (1.0 + scale) + shift.float()
-        return y.to(x.dtype)
-
-    def npu_rotary_mul(x, r1, r2, rotary_mode="half"):
-        assert x.dim() == 4 and r1.dim() == 4 and r2.dim() == 4, "npu_rotary_mul takes 4-d tensors"
-        assert x.dtype in FLOATS and r1.dtype in FLOATS and r2.dtype in FLOATS
-        B, S, N, D = x.shape  # the BSND layout the lowering passes
-        assert D % 2 == 0 and D < 896, "D even and < 896"
-        assert r1.shape == r2.shape
-        if rotary_mode == "half":
-            assert B < 1000 and N < 1000
-            assert tuple(r1.shape) in ((1, S, 1, D), (B, S, 1, D), (B, S, N, D)), r1.shape
-            x1, x2 = x.chunk(2, -1)
-            rot = torch.cat([-x2, x1], -1)
-        else:
-            assert rotary_mode == "interleave", rotary_mode
-            assert B * N < 1000 and tuple(r1.shape) == (1, S, 1, D), (B, N, r1.shape)
-            rot = torch.stack([-x[..., 1::2], x[..., 0::2]], -1).flatten(-2)
-        calls.append(("npu_rotary_mul", _sig([x, r1, r2]), {"rotary_mode": rotary_mode}))
-        return (r1 * x + r2 * rot).to(x.dtype)
-
-    sgl = types.ModuleType("sgl_kernel_npu")
-    norm = types.ModuleType("sgl_kernel_npu.norm")
-    rs = types.ModuleType("sgl_kernel_npu.norm.rmsnorm_split")
-    ss = types.ModuleType("sgl_kernel_npu.norm.scale_shift")
-    tnpu = types.ModuleType("torch_npu")
-    rs.fused_variance, rs.fused_rsqrt_mul = fused_variance, fused_rsqrt_mul
-    ss.fused_scale_shift = fused_scale_shift
-    tnpu.npu_rotary_mul = npu_rotary_mul
-    sgl.norm, norm.rmsnorm_split, norm.scale_shift = norm, rs, ss
-    for mod in (sgl, norm, rs, ss, tnpu):
-        mod.__spec__ = importlib.machinery.ModuleSpec(mod.__name__, None)
-    return {"sgl_kernel_npu": sgl, "sgl_kernel_npu.norm": norm, "sgl_kernel_npu.norm.rmsnorm_split": rs,
-            "sgl_kernel_npu.norm.scale_shift": ss, "torch_npu": tnpu}
-
-
-def aiter_modules(calls: list) -> dict:
-    """sys.modules entry for aiter (amd-aiter)."""
-
-    def _check(x, weight):
-        assert x.dim() == 2, "rmsnorm2d: 2-d input"
-        assert x.dtype in FLOATS, f"fp16/bf16/fp32 only, got {x.dtype}"
-        assert weight.dtype == x.dtype, "weight dtype must match input"
-        assert x.is_contiguous() and weight.is_contiguous(), "contiguous only"
-        assert weight.shape[-1] == x.shape[-1], "weight length != hidden"
-
-    def _rms(x, weight, eps):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
-
-    def rmsnorm2d_fwd(input, weight, epsilon, use_model_sensitive_rmsnorm=0):
-        _check(input, weight)
-        calls.append(("rmsnorm2d_fwd", _sig([input, weight]), {"epsilon": epsilon}))
-        return _rms(input, weight, epsilon)
-
-    # trailing arguments keyword-only: their order differs between releases
-    def rmsnorm2d_fwd_with_add(out, input, residual_in, residual_out, weight, epsilon, *, gemma_norm=False,
-                               use_model_sensitive_rmsnorm=0):
-        _check(input, weight)
-        for t in (out, residual_in, residual_out):
-            assert t.dtype == input.dtype and t.is_contiguous() and t.shape == input.shape, "bad out/residual"
-        calls.append(("rmsnorm2d_fwd_with_add", _sig([out, input, residual_in, residual_out, weight]),
-                      {"epsilon": epsilon}))
-        residual_out.copy_((input.float() + residual_in.float()).to(input.dtype))
-        out.copy_(_rms(residual_out, weight, epsilon))
-        return None
-
-    aiter = types.ModuleType("aiter")
-    aiter.rmsnorm2d_fwd, aiter.rmsnorm2d_fwd_with_add = rmsnorm2d_fwd, rmsnorm2d_fwd_with_add
-    aiter.__spec__ = importlib.machinery.ModuleSpec("aiter", None)
-    return {"aiter": aiter}
-
-
-def _use(monkeypatch, modules: dict, lowering_module: str) -> None:
-    """Install stand-ins (None = the package is absent) and make the lowering import afresh."""
-    for name, mod in modules.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delitem(sys.modules, lowering_module, raising=False)
-    monkeypatch.setattr(lowering, "_warned", set())
+from difffuse.testing.expected import expected
+from difffuse.testing.vendor_stubs import aiter_modules, install, npu_modules
 
 
 @pytest.fixture
 def npu_calls(monkeypatch):
     calls: list = []
-    _use(monkeypatch, npu_modules(calls), "difffuse.lowering.npu")
+    install(monkeypatch, npu_modules(calls), "difffuse.lowering.npu")
     return calls
 
 
 @pytest.fixture
 def aiter_calls(monkeypatch):
     calls: list = []
-    _use(monkeypatch, aiter_modules(calls), "difffuse.lowering.rocm")
+    install(monkeypatch, aiter_modules(calls), "difffuse.lowering.rocm")
     return calls
 
 
@@ -207,7 +88,7 @@ def test_npu_auto_detects_the_device(npu_calls, monkeypatch):
 def test_npu_missing_package_warns_once_and_falls_back(monkeypatch, caplog, absent, named):
     modules = npu_modules([])
     modules[absent] = None  # `import absent` raises ImportError
-    _use(monkeypatch, modules, "difffuse.lowering.npu")
+    install(monkeypatch, modules, "difffuse.lowering.npu")
     m, x = _block()
     with caplog.at_level(logging.WARNING, logger="difffuse"):
         for _ in range(2):
@@ -386,10 +267,11 @@ def test_npu_tiny_wan_matches_eager(monkeypatch, name):
     with torch.no_grad():
         ref = model(**kwargs)[0]
     calls: list = []
-    _use(monkeypatch, npu_modules(calls), "difffuse.lowering.npu")
+    install(monkeypatch, npu_modules(calls), "difffuse.lowering.npu")
     out, rep = compile_and_run(model, options={"lowering": "npu", "inductor": False}, **kwargs)
-    matches = rep.matches()
-    assert matches.get("qk_norm_rope") == 2 and matches.get("rms_norm") == (3 if name == "wan-i2v-tiny" else 2), str(rep)
+    # the vendor-routed families as on the reference lowering (difffuse.testing.expected)
+    matches, want = rep.matches(), expected(name, 1)
+    assert all(matches.get(f) == want[f] for f in ("qk_norm_rope", "rms_norm")), str(rep)
     # no Linear+GELU epilogue on the NPU; other refusals name the vendor limit
     assert all(("no linear_gelu kernel" in m.reason) or ("npu lowering does not take it" in m.reason)
                for m in rep.misses), str(rep)
@@ -462,8 +344,8 @@ def test_rocm_residual_rms_norm_calls_with_add(aiter_calls):
 @pytest.mark.parametrize("installed", ["absent", "pypi_aiter"])
 def test_rocm_missing_aiter_warns_once_and_falls_back(monkeypatch, caplog, installed):
     """No aiter, or PyPI's unrelated `aiter` (async iterators): one WARNING, plain Inductor."""
-    _use(monkeypatch, {"aiter": None if installed == "absent" else types.ModuleType("aiter")},
-         "difffuse.lowering.rocm")
+    install(monkeypatch, {"aiter": None if installed == "absent" else types.ModuleType("aiter")},
+            "difffuse.lowering.rocm")
     m, x = _block()
     with caplog.at_level(logging.WARNING, logger="difffuse"):
         for _ in range(2):

@@ -1,13 +1,16 @@
-"""Expected fusions of each tiny model, as functions of its number of blocks `n`.
+"""Expected fusions of each tiny model, as functions of its number of blocks `n`: the one
+place that states them (the tests compare against these).
 
 `expected(name, n)` gives the matches per family of a whole-model compile with the
 reference lowering; `expected(name, n, regional=True)` those of compile_repeated_blocks
 (one compiled block graph, whatever n); `expected_sites(name, n)` the eager sites per kind
-that `difffuse.testing.sites` counts (norm / modulation / rope, dead ones left out). The
-per-block numbers come from each model's structure (diffusers 0.42.1 sources), stated in
-each function; where a residual sum ends up (read by the next block's norm and fused into
-its norm_scale_shift, or left as a scale_shift) is what the report shows, checked at two
-block counts. `n` sets every block stack (Flux's, HunyuanVideo's double and single alike);
+that `difffuse.testing.sites` counts (norm / modulation / rope, dead ones left out);
+`attention_calls(name, n)` the SDPA calls rewritten and left; `expected_misses` the
+reported misses; `plain_norms(name)` the LayerNorms that are no site at all. The per-block
+numbers come from each model's structure (diffusers 0.42.1 sources), stated in each
+function; where a residual sum ends up (read by the next block's norm and fused into its
+norm_scale_shift, or left as a scale_shift) is what the report shows, checked at two block
+counts. `n` sets every block stack (Flux's, HunyuanVideo's double and single alike);
 HunyuanVideo's token refiner keeps its one block.
 """
 from __future__ import annotations
@@ -188,3 +191,17 @@ def miss_counts(report) -> dict:
 def expected_sites(name: str, n: int) -> dict:
     """Eager sites per kind (norm, modulation, rope) of a whole model of n blocks."""
     return dict(EXPECTED[name](n)[1])
+
+
+# LayerNorms no family is for (no residual before, no modulation after, no rope): not sites;
+# module path -> calls, whatever n (they sit outside the block stacks). Stated with the
+# model's function above: Wan I2V's image-embedder norms, HunyuanVideo's token-refiner norm1.
+PLAIN_NORMS: dict[str, dict[str, int]] = {
+    "wan-i2v-tiny": {"condition_embedder.image_embedder.norm1": 1, "condition_embedder.image_embedder.norm2": 1},
+    "hunyuan-video-tiny": {"context_embedder.token_refiner.refiner_blocks.0.norm1": 1},
+}
+
+
+def plain_norms(name: str) -> dict:
+    """The eager counter's `plain` LayerNorms of a tiny model (module path -> calls)."""
+    return dict(PLAIN_NORMS.get(name, {}))

@@ -1,7 +1,7 @@
 """Tiny diffusers Wan pipelines from configs (random weights, no downloads): T2V, I2V, TI2V.
 
 Text encoders are left out: the pipelines are called with `prompt_embeds`
-(and `negative_prompt_embeds` for classifier-free guidance).
+(and `negative_prompt_embeds` for classifier-free guidance); `call` runs one that way.
 """
 from __future__ import annotations
 
@@ -81,6 +81,24 @@ def wan_i2v_pipeline(seed: int = 0):
 def prompt_embeds(batch: int = 1, tokens: int = 512, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, tokens, TEXT_DIM, generator=g), torch.randn(batch, tokens, TEXT_DIM, generator=g)
+
+
+def call(pipe, kind: str, h: int = 32, w: int = 32, frames: int = 9, steps: int = 2, device="cpu",
+         guidance: float = 5.0):
+    """Run a tiny pipeline of `kind` ("t2v", "i2v", "ti2v") under no_grad with the random
+    prompt embeddings (I2V: a random 32x32 image), seeded; returns the first video's frames
+    as a numpy array."""
+    pe, ne = (t.to(device) for t in prompt_embeds())
+    kw = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=h, width=w, num_frames=frames,
+              num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+              generator=torch.Generator().manual_seed(0))
+    if kind == "i2v":
+        import numpy as np
+        from PIL import Image
+
+        kw["image"] = Image.fromarray((np.random.default_rng(0).random((h, w, 3)) * 255).astype("uint8"))
+    with torch.no_grad():
+        return pipe(**kw).frames[0]
 
 
 def to_dtype_pipeline(pipe, dtype):
