@@ -39,7 +39,7 @@ def draw(d: Draw) -> Case:
 
     (qi, q), (ki, k), (vi, v) = mem("q", lq, h), mem("k", lkv, hkv), mem("v", lkv, hkv)
     kw = []
-    if scale == "const":
+    if scale == "const" and what != "tensor_scale":  # tensor_scale passes its own scale
         kw.append(f"scale={0.37 if hd != 8 else 0.5}")
     if causal:
         kw.append("is_causal=True")
