@@ -87,9 +87,10 @@ def _kernel_label(node: torch.fx.Node) -> Optional[str]:
         except Exception:  # noqa: BLE001
             return "triton"
     if isinstance(target, torch._ops.OpOverload) and target.namespace not in ("aten", "prims"):
-        name = target.name()
-        kernel = node.kwargs.get("kernel", node.args[-1] if name == "difffuse::flash_attention" else None)
-        return f"{name}[{kernel}]" if isinstance(kernel, str) else name
+        names = [a.name for a in target._schema.arguments]
+        at = names.index("kernel") if "kernel" in names else None  # an op that names its kernel
+        kernel = node.kwargs.get("kernel", node.args[at] if at is not None and at < len(node.args) else None)
+        return f"{target.name()}[{kernel}]" if isinstance(kernel, str) else target.name()
     return None
 
 
