@@ -195,19 +195,10 @@ def test_ring_attention_merge_reads_lse():
     """diffusers' ring attention merges per-shard partial results by their logsumexp:
     out = prev - sigmoid(lse - prev_lse) * (prev - out), lse = prev_lse - logsigmoid(prev_lse - lse).
     Both shard calls are rewritten and the merge equals attention over all keys."""
-    def ring(q, k, v):
-        prev_out = prev_lse = None
-        for ks, vs in zip(k.chunk(2, dim=2), v.chunk(2, dim=2)):
-            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, ks, vs)
-            out, lse = out.float(), lse.unsqueeze(-1)
-            if prev_out is not None:
-                out = prev_out - torch.sigmoid(lse - prev_lse) * (prev_out - out)
-                lse = prev_lse - F.logsigmoid(prev_lse - lse)
-            prev_out, prev_lse = out, lse
-        return prev_out
+    from difffuse.testing.distributed import ring_attention_cpu
 
     args = blhd_views(lq=12, lkv=16)
-    out, rep = compile_and_run(ring, *args)
+    out, rep = compile_and_run(ring_attention_cpu, *args)
     assert rep.matches("attention") == 2 and rep.misses == [], str(rep)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(*args), rtol=1e-5, atol=1e-5)
 

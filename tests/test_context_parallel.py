@@ -32,7 +32,7 @@ import torch.distributed._functional_collectives as fc
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from difffuse.testing.distributed import free_port
+from difffuse.testing.distributed import free_port, lse_merge
 
 WORLD, HEADS, HD, SEQ = 2, 4, 8, 10  # SEQ tokens per rank
 aten = torch.ops.aten
@@ -131,10 +131,7 @@ class RingAttention(torch.nn.Module):
             out, lse = out.to(torch.float32), lse.to(torch.float32)
             if lse.ndim == 3:
                 lse = lse.unsqueeze(-1)
-            if prev_out is not None:
-                out = prev_out - torch.sigmoid(lse - prev_lse) * (prev_out - out)
-                lse = prev_lse - F.logsigmoid(prev_lse - lse)
-            prev_out, prev_lse = out, lse
+            prev_out, prev_lse = out, lse = lse_merge(prev_out, prev_lse, out, lse)
         return out.to(query.dtype), lse.squeeze(-1)
 
 

@@ -26,9 +26,8 @@ from conftest import assert_close, compile_and_run
 from difffuse.families import NAMES
 from difffuse.lowering import ops
 from difffuse.lowering.sites import AttentionSite, TensorSpec
+from difffuse.testing.distributed import ring_attention_cpu
 from difffuse.testing.vendor_stubs import FLOATS, HALF, aiter_modules, install, npu_modules
-
-aten = torch.ops.aten
 
 
 @pytest.fixture
@@ -187,19 +186,6 @@ class SelfAttention(nn.Module):
         return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
 
-def ring(q, k, v):
-    """diffusers' ring-attention merge over two key shards: reads each call's logsumexp."""
-    prev_out = prev_lse = None
-    for ks, vs in zip(k.chunk(2, dim=2), v.chunk(2, dim=2)):
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, ks, vs)[:2]
-        out, lse = out.float(), lse.unsqueeze(-1)
-        if prev_out is not None:
-            out = prev_out - torch.sigmoid(lse - prev_lse) * (prev_out - out)
-            lse = prev_lse - F.logsigmoid(prev_lse - lse)
-        prev_out, prev_lse = out, lse
-    return prev_out
-
-
 VENDOR_CALL = {"rocm": "flash_attn_func", "npu": "npu_fusion_attention"}
 
 
@@ -223,7 +209,7 @@ def test_compiled_ring_merge_reads_the_vendor_lse(rocm_calls, npu_calls, which):
     torch.manual_seed(0)
     q, k, v = blhd(1, 12, 16, 2, 32, 32, torch.bfloat16)
     calls = rocm_calls if which == "rocm" else npu_calls
-    out, rep = compile_and_run(ring, q, k, v, options={"lowering": which, "patterns": list(NAMES), "inductor": False})
+    out, rep = compile_and_run(ring_attention_cpu, q, k, v, options={"lowering": which, "patterns": list(NAMES), "inductor": False})
     assert rep.matches("attention") == 2 and rep.misses == [], str(rep)
     assert [c[0] for c in calls] == [VENDOR_CALL[which]] * 2
     assert_close(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float()), dtype=torch.bfloat16)
