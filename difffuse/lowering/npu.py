@@ -417,10 +417,11 @@ def _attention(site: AttentionSite) -> Optional[str]:
     if not hasattr(torch_npu, "npu_fusion_attention"):
         return "the installed torch_npu has no npu_fusion_attention"
     q, k, v = site.q, site.k, site.v
-    if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in FLOATS:
+    reason = _float_ok(site)
+    if reason:
+        return reason
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
         return f"q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}: npu_fusion_attention takes one of fp16/bf16/fp32"
-    if any(t.has_zero_dim() for t in (q, k, v)):
-        return "zero-size operand: left to Inductor"
     b, heads, d, dv = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     if not known(d <= MAX_HEAD_DIM):
         return f"head_dim {d}: npu_fusion_attention takes 1..{MAX_HEAD_DIM}"
