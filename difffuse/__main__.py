@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compile_repeated_blocks (one compiled block, reused) instead of the whole model")
     rep.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="device to run on")
+    from difffuse.compare_cli import add_parser as add_compare
+
+    add_compare(sub, _HelpFormatter)
     return parser
 
 
@@ -62,6 +65,10 @@ def main(argv=None) -> int:
     if args.cmd is None:  # bare `python -m difffuse`: what it can do
         parser.print_help()
         return 0
+    if args.cmd == "compare":
+        from difffuse.compare_cli import cli as compare_cli
+
+        return compare_cli(args)
     return report(args)
 
 
