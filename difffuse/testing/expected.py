@@ -205,3 +205,93 @@ PLAIN_NORMS: dict[str, dict[str, int]] = {
 def plain_norms(name: str) -> dict:
     """The eager counter's `plain` LayerNorms of a tiny model (module path -> calls)."""
     return dict(PLAIN_NORMS.get(name, {}))
+
+
+# ---------------------------------------------------------------------------- wild models
+# difffuse.testing.wild_models: DiTs written as other code bases write them (issue 28). The
+# counts state what difffuse must do once every spelling collapses to the families' forms
+# (the issue's bar): each Wan code base fuses like diffusers' Wan; a rope with no norm in
+# front (Allegro, or a norm the graph breaks away from) fuses on its own and counts under
+# qk_norm_rope.
+WAN_CODE_BASES = ("wan-sglang", "wan-comfyui", "wan-comfyui-ropesum", "wan-diffsynth", "wan-lightx2v",
+                  "wan-lightx2v-real")
+PLAIN_BLOCKS = ("plain-chunk", "plain-slice", "plain-interleaved", "plain-moduledict", "lumina-scale-only",
+                "flux2-scale-first", "kandinsky5-bf16")
+# models whose own code breaks the graph between the q/k norms and the rope
+GRAPH_BREAK_MODELS = ("wan-official", "plain-graph-break")
+
+
+def wild(name: str, n: int) -> dict:
+    """Matches per family of a whole-model compile (reference lowering) of the wild model
+    `name` with n blocks (families with none left out).
+
+    Wan, as sglang / ComfyUI / DiffSynth / LightX2V write it: per block the self-attention q
+    and k (RMSNorm across heads + rope) -> 2 qk_norm_rope; the cross-attention q / k norms ->
+    2 rms_norm; norm1 (LN -> modulation), the cross-attention norm (h + attn*gate -> affine
+    LN; sglang's with its zero shift / scale), the FFN norm (h + attn -> LN -> modulation)
+    -> 3 norm_scale_shift; FFN Linear + tanh-GELU -> 1 linear_gelu; self- and cross-attention
+    -> 2 attention. The FFN's gated residual feeds the next norm1 or the head's modulated
+    norm (+1 norm_scale_shift); the text embedding's Linear + tanh-GELU: +1 linear_gelu.
+    Exactly diffusers' Wan (`wan_t2v`): at 2 blocks qk_norm_rope 4, norm_scale_shift 7,
+    rms_norm 4.
+
+    Plain blocks (adaLN-Zero: norm1 -> modulation -> self-attention with per-head q/k RMSNorm
+    + rope; norm2 (affine LN on the residual) -> cross-attention with q/k RMSNorm; norm3 ->
+    modulation -> tanh-GELU MLP; a modulated final norm): the same, without the text
+    embedding's GELU (linear_gelu n). Lumina2's scale-only modulation and FLUX.2's `(1 +
+    scale) * norm(x) + shift` are modulations like any other. SD3.5's twice-modulated norm1
+    (no norm2): each modulation of the one LayerNorm output is a norm_scale_shift (the norm
+    computed again for the second: 2), norm3 and the final norm 1 each: 3n + 1. Allegro: no
+    q/k norms, so no rms_norm; each q and k rope (three 1-D ropes on thirds of head_dim)
+    fuses on its own: 2 qk_norm_rope per block.
+
+    Graph breaks: the frames Dynamo resumes after a break are compiled once and their code
+    reused by the next block (same code, guards pass), and the frame with the block loop
+    runs its loop eagerly; counts are those of the compiled graphs, whatever n:
+    - `wan-official`, n >= 1: block frame up to the self-attention (norm1 -> modulation: 1
+      norm_scale_shift, no residual: the residual is the frame's input); q / k / v and their
+      norms (2 rms_norm); `rope_apply` after `grid_sizes.tolist()`, compiled once and reused
+      for q and k: its complex128 rope fused on its own (1 qk_norm_rope); the attention and
+      `o` (1 attention); the rest of the block (norm3 and norm2 -> 2 norm_scale_shift, the
+      cross-attention's q / k norms 2 rms_norm, its attention, the FFN's linear_gelu, the
+      FFN gated residual returned by the frame: 1 scale_shift); the head (1 norm_scale_shift);
+      the text embedding runs in the eager loop frame (no linear_gelu for it).
+    - `plain-graph-break`, n = 1: block frame up to the attention (1 norm_scale_shift), q /
+      k / v and norms up to the overflow check's `.item()` (2 rms_norm), the rope of q and k
+      fused on its own with the attention and `to_out` (2 qk_norm_rope, 1 attention), the
+      rest of the block (2 norm_scale_shift, 2 rms_norm, 1 attention, 1 linear_gelu, 1
+      scale_shift), the final `modulate()` of an eager norm compiled as its own frame (1
+      scale_shift). Each further block recompiles the frame resumed after `.item()` only
+      (+2 qk_norm_rope, +1 attention per block).
+    """
+    if name in WAN_CODE_BASES:
+        return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n + 1,
+                "attention": 2 * n}
+    if name in PLAIN_BLOCKS:
+        return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
+                "attention": 2 * n}
+    if name == "sd35-twice":
+        return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
+                "attention": 2 * n}
+    if name == "allegro-axes":
+        return {"qk_norm_rope": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n, "attention": 2 * n}
+    if name == "wan-official":
+        return {"qk_norm_rope": 1, "rms_norm": 4, "norm_scale_shift": 4, "scale_shift": 1, "linear_gelu": 1,
+                "attention": 2}
+    if name == "plain-graph-break":
+        return {"qk_norm_rope": 2 * n, "rms_norm": 4, "norm_scale_shift": 3, "scale_shift": 2, "linear_gelu": 1,
+                "attention": n + 1}
+    raise KeyError(name)
+
+
+def wild_sites(name: str, n: int) -> dict:
+    """Eager sites per kind (`difffuse.testing.sites`) of a wild model with n blocks: per
+    block 7 norms (norm1, the cross-attention norm, the FFN norm, two q/k norms in each
+    attention), 2 modulations, 2 ropes (q and k); + the modulated final norm. SD3.5's block
+    has no cross-attention norm and modulates norm1 twice (6 norms, 3 modulations);
+    Allegro's has no q/k norms (3 norms)."""
+    if name == "sd35-twice":
+        return {"norm": 6 * n + 1, "modulation": 3 * n + 1, "rope": 2 * n}
+    if name == "allegro-axes":
+        return {"norm": 3 * n + 1, "modulation": 2 * n + 1, "rope": 2 * n}
+    return {"norm": 7 * n + 1, "modulation": 2 * n + 1, "rope": 2 * n}

@@ -45,8 +45,9 @@ tanh-GELU MLP), each model differing from it in the one spelling it is for:
   model runs in bf16);
 - `allegro-axes`: no q/k norm, three 1-D ropes on thirds of head_dim (tables gathered with
   `F.embedding`), computed in fp32;
-- `plain-graph-break`: a `.item()` (debug statistics) between the q/k norms and the rope;
-- `plain-moduledict`: blocks in an `nn.ModuleDict` with keys `'2-1'`, `'2-2'`.
+- `plain-graph-break`: an overflow check (`.item()`) between the q/k norms and the rope;
+- `plain-moduledict`: blocks in an `nn.ModuleDict` with keys `'2-1'`, `'2-2'` (and diffusers'
+  own rope spelling: only the keys are wild).
 
 `WILD_MODELS` maps each name to its builder: `builder(num_layers=2, dtype=torch.float32,
 batch=1, seed=0, **sizes)`; `WAN_STYLE` lists the six Wan code bases' entries. Expected
@@ -55,6 +56,7 @@ fusions are in `expected.wild(name, n)`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -724,7 +726,8 @@ class WanModel(nn.Module):
     def __init__(self, patch_size=PATCH, text_len=8, in_dim=IN_CH, dim=DIM, ffn_dim=FFN, freq_dim=FREQ_DIM,
                  text_dim=TEXT_DIM, out_dim=IN_CH, num_heads=HEADS, num_layers=2, eps=1e-6):
         super().__init__()
-        self.patch_size, self.text_len, self.dim, self.freq_dim, self.out_dim = patch_size, text_len, dim, freq_dim, out_dim
+        self.patch_size, self.text_len, self.dim = patch_size, text_len, dim
+        self.freq_dim, self.out_dim = freq_dim, out_dim
         self.num_heads = num_heads
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=patch_size, stride=patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
@@ -1135,6 +1138,22 @@ class LightWanTransformerInfer(nn.Module):
         return weights.ffn_2.apply(y)
 
 
+class LightWanPostInfer(nn.Module):
+    """The head (LightX2V's WanPostInfer with its weights)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.head_modulation = TensorWeight(1, 2, dim)
+        self.norm = LNWeight(dim, eps)
+        self.head = MMWeight(dim, IN_CH * math.prod(PATCH))
+
+    def forward(self, x, embed):
+        e = (self.head_modulation.tensor + embed.unsqueeze(1)).chunk(2, dim=1)
+        x = self.norm.apply(x)
+        x = x * (1 + e[1].squeeze(0)) + e[0].squeeze(0)
+        return self.head.apply(x)
+
+
 class LightWanModel(nn.Module):
     """Batch 1, as LightX2V runs: activations [tokens, dim]."""
 
@@ -1147,9 +1166,7 @@ class LightWanModel(nn.Module):
         self.time_projection_1 = MMWeight(dim, 6 * dim)
         self.blocks = nn.ModuleList([LightWanTransformerInfer(dim, ffn_dim, num_heads, eps, real_rope)
                                      for _ in range(num_layers)])
-        self.head_modulation = TensorWeight(1, 2, dim)
-        self.norm = LNWeight(dim, eps)
-        self.head = MMWeight(dim, IN_CH * math.prod(PATCH))
+        self.post_infer = LightWanPostInfer(dim, eps)
         d = dim // num_heads
         self.freqs = torch.cat([wan_rope_params(1024, d - 4 * (d // 6)), wan_rope_params(1024, 2 * (d // 6)),
                                 wan_rope_params(1024, 2 * (d // 6))], dim=1)
@@ -1170,10 +1187,7 @@ class LightWanModel(nn.Module):
             freqs_i = freqs_i.to(torch.complex64)
         for block in self.blocks:
             x = block(x, embed0, freqs_i, context)
-        e = (self.head_modulation.tensor + embed.unsqueeze(1)).chunk(2, dim=1)
-        x = self.norm.apply(x)
-        x = x * (1 + e[1].squeeze(0)) + e[0].squeeze(0)
-        x = self.head.apply(x)
+        x = self.post_infer(x, embed)
         f, h, w = grid_sizes
         x = x.view(f, h, w, *PATCH, IN_CH).permute(6, 0, 3, 1, 4, 2, 5)
         return x.reshape(IN_CH, f * PATCH[0], h * PATCH[1], w * PATCH[2])
@@ -1216,6 +1230,14 @@ def rope_interleaved(x, cos, sin):
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+def rope_real_unbind(x, cos, sin):
+    """diffusers' own spelling (apply_rotary_emb, use_real_unbind_dim=-1); cos, sin: [L, D]
+    with each frequency twice."""
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
 def rope_kandinsky(x, rope):
     """Kandinsky 5: rope [L, D/2, 2, 2] rotation matrices, computed in fp32, rounded to bf16."""
     x_ = x.reshape(*x.shape[:-1], -1, 1, 2).to(torch.float32)
@@ -1249,7 +1271,6 @@ class PlainAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
-        self.stats: list = []
 
     def forward(self, x, context=None, rope=None):
         b, n, _ = x.shape
@@ -1263,8 +1284,8 @@ class PlainAttention(nn.Module):
                 k = self.k_norm(k.float()).type_as(k)
             else:
                 q, k = self.q_norm(q), self.k_norm(k)
-        if self.graph_break:  # a debug statistic: .item() ends the graph here
-            self.stats.append(q.detach().abs().amax().item())
+        if self.graph_break and q.detach().abs().amax().item() > 6.0e4:  # a debug check: .item() ends the graph
+            warnings.warn("q would overflow fp16")
         if rope is not None:
             if self.rope == "chunk":
                 q, k = rope_neox(q, *rope, rotate_half_chunk), rope_neox(k, *rope, rotate_half_chunk)
@@ -1272,6 +1293,8 @@ class PlainAttention(nn.Module):
                 q, k = rope_neox(q, *rope, rotate_half_slice), rope_neox(k, *rope, rotate_half_slice)
             elif self.rope == "interleaved":
                 q, k = rope_interleaved(q, *rope), rope_interleaved(k, *rope)
+            elif self.rope == "diffusers":
+                q, k = rope_real_unbind(q, *rope), rope_real_unbind(k, *rope)
             elif self.rope == "kandinsky":
                 q, k = rope_kandinsky(q, rope), rope_kandinsky(k, rope)
             elif self.rope == "allegro":
@@ -1393,7 +1416,7 @@ class PlainDiT(nn.Module):
         if self.rope == "kandinsky":
             rope = torch.stack([ang.cos(), -ang.sin(), ang.sin(), ang.cos()], dim=-1)
             return rope.view(n, -1, 2, 2)
-        if self.rope == "interleaved":
+        if self.rope in ("interleaved", "diffusers"):
             ang = ang.repeat_interleave(2, dim=-1)
         else:
             ang = torch.cat((ang, ang), dim=-1)
@@ -1469,7 +1492,8 @@ def plain_graph_break(num_layers=2, dtype=torch.float32, **kw):
 
 
 def plain_moduledict(num_layers=2, dtype=torch.float32, **kw):
-    return _plain(num_layers, dtype, rope="chunk", block_keys=[f"2-{i + 1}" for i in range(num_layers)], **kw)
+    """Only the keys are wild: the rope is diffusers' own spelling."""
+    return _plain(num_layers, dtype, rope="diffusers", block_keys=[f"2-{i + 1}" for i in range(num_layers)], **kw)
 
 
 WILD_MODELS: dict[str, Callable] = {
