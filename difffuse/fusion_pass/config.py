@@ -37,6 +37,26 @@ class OptionTypeError(OptionError, TypeError):
     """An option of the wrong type (`options` not a mapping, `patterns` not names)."""
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """The boolean environment variable `name`: 1/true/yes/on or 0/false/no/off/"" (any case,
+    surrounding spaces ignored); unset gives `default`. Any other value is an OptionError that
+    names the variable and the valid spellings."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise OptionError(f"difffuse: environment variable {name} is {raw!r}, not a boolean; valid (any case): "
+                      "1, true, yes, on to turn it on; 0, false, no, off or empty to leave it off")
+
+
 def _did_you_mean(name: Any, candidates) -> str:
     if not isinstance(name, str):
         return ""
@@ -73,7 +93,8 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
     an Inductor config option and passes through to Inductor; anything else is an error
     that names the valid keys (and the closest one). `DIFFFUSE_LOWERING` overrides
     `lowering`, `DIFFFUSE_ATTENTION_KERNEL` overrides `attention_kernel`;
-    `DIFFFUSE_DISABLE=1` turns the backend into plain Inductor. Errors are `OptionError`
+    `DIFFFUSE_DISABLE=1` (or true/yes/on; 0/false/no/off/"" leave it on) turns the backend into
+    plain Inductor. Errors are `OptionError`
     (a ValueError; `OptionTypeError`, also a TypeError, for a value of the wrong type).
     """
     from torch._inductor import config as inductor_config
@@ -120,7 +141,7 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
         inductor=run_inductor,
         attention_kernel=attention_kernel,
         inductor_options=tuple(sorted(options.items())),
-        disabled=os.environ.get("DIFFFUSE_DISABLE", "") not in ("", "0"),
+        disabled=env_flag("DIFFFUSE_DISABLE"),
     )
 
 
