@@ -22,6 +22,7 @@ from ..lowering import load_lowering
 from ..lowering import ops as _ops  # noqa: F401  (registers difffuse::* before any cached graph runs)
 from .config import OptionError, parse_options
 from .device import detect_from_tensors
+from .inductor_hook import chained, framework_pass
 from .pass_manager import DifffusePass, source_hash
 from .report import GraphRecord, add_record, load_record, save_record
 
@@ -190,6 +191,8 @@ def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
     except OptionError as exc:
         raise _surfaced(exc) from None
     patches = dict(cfg.inductor_options)
+    # plain-Inductor paths below keep a framework's own post-grad pass, but not the Inductor switch
+    patches["post_grad_custom_post_pass"] = _framework_pass(patches)
     name = f"graph{next(_counter)}"
     if cfg.disabled:
         add_record(GraphRecord(name, "inductor", notes=["DIFFFUSE_DISABLE is set: plain Inductor"]))
@@ -207,7 +210,7 @@ def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
         compiled = _run_eager(gm, example_inputs, fusion)
         _add_note(fusion.record, note)
         return compiled
-    patches["post_grad_custom_post_pass"] = fusion
+    patches["post_grad_custom_post_pass"] = chained(fusion, patches["post_grad_custom_post_pass"])
     inner = _InnerCompile(fusion, cfg, name)
     compiled = compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
     if inner.called:
@@ -217,6 +220,15 @@ def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
     else:  # AOTAutograd's cache answered: only the Dynamo-level key can find the record
         _add_note(_cached(name, cfg, load_record(key)), note)
     return compiled
+
+
+def _framework_pass(patches: dict):
+    """The post-grad pass already set for this compile (in `options`, else Inductor's config), not
+    counting the Inductor switch: the backend runs it after its own instead of dropping it."""
+    from torch._inductor import config as inductor_config
+
+    key = "post_grad_custom_post_pass"
+    return framework_pass(patches[key] if key in patches else inductor_config.post_grad_custom_post_pass)
 
 
 def _run_eager(gm, example_inputs, fusion: DifffusePass):
