@@ -152,7 +152,8 @@ def _surfaced(exc: OptionError) -> Exception:
     cls = _SURFACED.get(type(exc))
     if cls is None:
         try:
-            cls = type(type(exc).__name__, (ShortenTraceback, type(exc)), {"__module__": type(exc).__module__})
+            cls = type(type(exc).__name__, (ShortenTraceback, type(exc)),
+                       {"__module__": type(exc).__module__, "real_stack": _NO_STACK})
         except TypeError:  # an incompatible base layout on some torch: leave it to Dynamo
             return exc
         _SURFACED[type(exc)] = cls
@@ -163,6 +164,17 @@ def _surfaced(exc: OptionError) -> Exception:
 
 
 _SURFACED: dict[type, type] = {}
+
+
+def _no_stack(self):
+    raise AttributeError("real_stack")
+
+
+# Dynamo attaches the traced user stack to an exception as `real_stack` (only where it has none)
+# and, where it finds one, appends "from user code: ..." and "Set TORCHDYNAMO_VERBOSE=1 ... (please
+# do this especially if you're reporting a bug to PyTorch)" to the message. An option error is not
+# a PyTorch bug: the attribute reads as absent and what Dynamo stores is dropped.
+_NO_STACK = property(_no_stack, lambda self, value: None)
 
 
 def _cpu_note(cfg, example_inputs) -> Optional[str]:
