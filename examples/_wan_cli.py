@@ -11,7 +11,13 @@ import torch
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and each argument's default."""
+    """The module docstring as written, and each argument's default, except where it is None
+    or False (the help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse(kind: str, doc: str):
