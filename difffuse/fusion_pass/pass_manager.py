@@ -96,7 +96,9 @@ def _kernel_label(node: torch.fx.Node) -> Optional[str]:
 
 def kernel_note(graph: torch.fx.Graph) -> Optional[str]:
     """`kernels: family -> what runs xN, ...` for the replacements in the graph (which
-    flash-attention kernel, Triton or the JIT qk kernel), or None if nothing was rewritten."""
+    flash-attention kernel, Triton or the JIT qk kernel), or None if nothing was rewritten.
+    N counts op calls, not matches: one match can make several (a q/k norm + rope over a joint
+    text+image sequence makes one call per stream); the report says so where they differ."""
     counts: dict = {}
     for n in graph.nodes:
         family = inserted_by(n)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import tempfile
 from typing import Optional
 
@@ -184,6 +185,7 @@ class Report:
         for g in self.graphs:
             for note in g.notes:
                 lines.append(f"note [{g.graph}]: {note}")
+            lines += [f"note [{g.graph}]: {d}" for d in _calls_vs_matches(g)]
         if any(g.cached and not g.unknown for g in self.graphs):
             lines.append("note: (cached) = Inductor's cache answered, the pass did not run: "
                          "its matches and misses are as first recorded for that graph")
@@ -196,6 +198,18 @@ class Report:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _calls_vs_matches(g: GraphRecord) -> list[str]:
+    """Where the kernels note counts more op calls than the table counts matches for a family."""
+    calls: collections.Counter = collections.Counter()
+    for note in g.notes:
+        if note.startswith("kernels: "):
+            for fam, n in re.findall(r"(\w+) -> \S+ x(\d+)", note):
+                calls[fam] += int(n)
+    return [f"{fam}: {g.matches[fam]} matches (the table), {n} op calls (kernels): one match can make "
+            "several calls, e.g. a q/k norm + rope over a joint text+image sequence makes one per stream"
+            for fam, n in sorted(calls.items()) if fam in g.matches and n != g.matches[fam]]
 
 
 def report() -> Report:
