@@ -31,6 +31,13 @@ class Expect:
     # other families whose matches together also cover the site (an RMSNorm + modulation
     # fused as rms_norm + scale_shift leaves nothing unfused): then no miss is owed
     alt: dict = dataclasses.field(default_factory=dict)
+    # the case holds nothing of this family (no rope in a modulation case): a miss reported
+    # for it is a spurious one, a report inconsistency
+    absent: bool = False
+
+
+def absent() -> Expect:
+    return Expect(absent=True)
 
 
 def site(n: int = 1) -> Expect:

@@ -1,12 +1,16 @@
-"""norm_scale_shift cases: residual (none, `h + x`, `h + x*g`, `h + g*x`, Wan's
-`(h.float() + x*g).type_as(h)` round trip) → LayerNorm / RMSNorm (nn modules, F calls,
-diffusers' FP32LayerNorm `F.layer_norm(r.float(), ..).to(r.dtype)`, var_mean by hand; with
-or without weight / bias) → AdaLN modulation `n*(k+scale)+shift` from a batch, table-chunk,
+"""norm_scale_shift cases: residual (none, `h + x`, `h + x*g`, `h + g*x`, ComfyUI's
+`torch.addcmul(h, x, g)`, Wan's `(h.float() + x*g).type_as(h)` round trip) → LayerNorm /
+RMSNorm (nn modules, F calls, diffusers' FP32LayerNorm `F.layer_norm(r.float(), ..).to(r.dtype)`,
+var_mean by hand; with or without weight / bias) → AdaLN modulation `n*(k+scale)+shift`
+(or `shift + n*(k+scale)`, FLUX.2's `(k+scale)*n + shift`, ComfyUI's
+`torch.addcmul(shift, n, k + scale)`, scale-only `n*(k+scale)`) from a batch, table-chunk,
 per-token or per-frame source (or none after a residual), `.type_as(h)` at the end,
 returning (out, r) or out. Near-misses: integer / bool casts between norm and modulation,
 `alpha=` on the residual add, a residual rounded through an integer dtype, modulation before
 the norm, a scale computed from the residual sum `n*(1 + r*0.5) + shift`, LayerNorm over
-another dim, eps outside the rsqrt, unbiased variance, r narrowed for the norm, k a tensor.
+another dim, eps outside the rsqrt, unbiased variance, r narrowed for the norm, k a tensor,
+`torch.addcmul(shift, n, 1 + scale, value=2)`, `shift - n*(1 + scale)`. Free: `alpha=` on
+`k + scale`, and `2 + scale` (k is read from the match).
 Where a smaller valid site remains inside a near-miss (the norm+modulation reading r as a
 plain input, or the residual+norm without the modulation), one match is allowed and the
 output decides."""
@@ -14,12 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from .case import Case, Draw, Expect, dims, loosest, near, param, randn, site
+from .case import Case, Draw, Expect, absent, dims, loosest, near, param, randn, site
 
 FAMILY = "norm_scale_shift"
 EPS = (1e-6, 1e-5, 1e-3, 0.25)
 NEAR = ("int_mid", "bool_mid", "alpha_res", "int_res", "mod_before", "scale_from_r", "ln_dim1", "eps_outside",
-        "unbiased", "r_narrowed", "k_tensor")
+        "unbiased", "r_narrowed", "k_tensor", "addcmul_value", "sub_outer")
+FREE = ("alpha_k", "two_plus")
 
 
 def promote(a: str, b: str) -> str:
@@ -31,15 +36,17 @@ def draw(d: Draw) -> Case:
     b, l = dims(d)
     D = d("D", (16, 13, 24, 8, 2, 0), (4, 3, 2, 2, 1, 0.3))
     kind = d("kind", ("site", "near", "free"), (6, 4, 1))
-    what = d("near", NEAR) if kind == "near" else "alpha_k" if kind == "free" else "none"
-    residual = d("residual", ("one", "gate", "none", "gate_first", "wan_rt", "wan_ffn"), (3, 3, 3, 1, 2, 2))
+    what = d("near", NEAR) if kind == "near" else d("free", FREE) if kind == "free" else "none"
+    residual = d("residual", ("one", "gate", "none", "gate_first", "wan_rt", "wan_ffn", "gate_addcmul"),
+                 (3, 3, 3, 1, 2, 2, 1))
     norm = d("norm", ("ln_native", "F_ln", "fp32ln", "manual_ln", "rms_native", "F_rms"), (3, 2, 3, 1, 2, 1))
     mod = d("mod", ("index", "chunk", "per_token", "emb_unsq", "per_frame", "none"), (3, 3, 2, 1, 1, 2))
     if what in ("alpha_res", "r_narrowed", "scale_from_r") and residual == "none":
         residual = "one"
     if what == "int_res":
         residual = "wan_rt"  # r = (h.float() + x*g).to(torch.int32)
-    if what in ("int_mid", "bool_mid", "mod_before", "scale_from_r", "k_tensor", "alpha_k") and mod == "none":
+    if what in ("int_mid", "bool_mid", "mod_before", "scale_from_r", "k_tensor", "alpha_k", "two_plus",
+                "addcmul_value", "sub_outer") and mod == "none":
         mod = "index"
     if residual == "none" and mod == "none":
         mod = "chunk"  # a bare norm is not this family
@@ -98,12 +105,14 @@ def draw(d: Draw) -> Case:
             body.append("r = x")
     elif residual == "one":
         body.append("r = h + x" if what != "alpha_res" else f"r = torch.add(h, x, alpha={d('alpha', (0.5, 2, -1))})")
-    elif residual in ("gate", "gate_first"):
+    elif residual in ("gate", "gate_first", "gate_addcmul"):
         g = gate if mod != "none" else "self.g"
         if mod == "none":
             init.append(param("g", [D], mdt))
-        prod = f"x * {g}" if residual == "gate" else f"{g} * x"
+        prod = f"x * {g}" if residual != "gate_first" else f"{g} * x"
         body.append(f"r = h + {prod}" if what != "alpha_res" else f"r = torch.add(h, {prod}, alpha=0.5)")
+        if residual == "gate_addcmul" and what != "alpha_res":
+            body[-1] = f"r = torch.addcmul(h, x, {g})"
     else:  # Wan: computed in fp32, rounded by .type_as(h)
         g = gate if mod != "none" else "self.g"
         if mod == "none":
@@ -120,10 +129,10 @@ def draw(d: Draw) -> Case:
 
     # --- dtypes: what the norm reads, what it returns, what the site returns
     nin_dt = dtype
-    if nin.endswith(".float()") or (residual in ("gate", "gate_first") and mdt == "float32") or (
+    if nin.endswith(".float()") or (residual in ("gate", "gate_first", "gate_addcmul") and mdt == "float32") or (
             what == "mod_before"):  # per-token chunks of `table + mod.float()`: fp32
         nin_dt = "float32"
-    elif residual in ("gate", "gate_first"):  # chunks of `table + mod.float()` are fp32
+    elif residual in ("gate", "gate_first", "gate_addcmul"):  # chunks of `table + mod.float()` are fp32
         nin_dt = promote(dtype, "float32" if mod in ("chunk", "per_token") else mdt)
     n_dt = dtype if norm == "fp32ln" and residual != "none" else nin_dt if norm != "fp32ln" else dtype
 
@@ -165,6 +174,7 @@ def draw(d: Draw) -> Case:
         body.append("n = n.to(torch.int32)")
     elif what == "bool_mid":
         body.append("n = n.to(torch.bool)")
+    spell = "none"
     if mod != "none" and what != "mod_before":
         k = d("k", (1, 0.5))
         fac = f"({k} + {scale})"
@@ -175,8 +185,17 @@ def draw(d: Draw) -> Case:
             fac = f"(self.kt + {scale})"
         elif what == "alpha_k":
             fac = f"torch.add({scale}, {k}, alpha=3)"
+        elif what == "two_plus":
+            fac = f"(2 + {scale})"
         nn_ = f"n.unflatten(1, ({nf}, -1))" if mod == "per_frame" else "n"
-        body.append(f"out = {nn_} * {fac} + {shift}")
+        spell = d("spell", ("n*f+sh", "sh+n*f", "f*n+sh", "addcmul", "scale_only"), (4, 1, 2, 2, 2))
+        body.append({"n*f+sh": f"out = {nn_} * {fac} + {shift}", "sh+n*f": f"out = {shift} + {nn_} * {fac}",
+                     "f*n+sh": f"out = {fac} * {nn_} + {shift}", "addcmul": f"out = torch.addcmul({shift}, {nn_}, {fac})",
+                     "scale_only": f"out = {nn_} * {fac}"}[spell])
+        if what == "addcmul_value":
+            body[-1] = f"out = torch.addcmul({shift}, {nn_}, {fac}, value=2)"
+        elif what == "sub_outer":
+            body[-1] = f"out = {shift} - {nn_} * {fac}"
         if mod == "per_frame":
             body.append("out = out.flatten(1, 2)")
     else:
@@ -198,6 +217,8 @@ def draw(d: Draw) -> Case:
             inner = 1  # the residual + norm without the modulation
         if what in ("alpha_res", "int_res", "scale_from_r") and mod != "none":
             inner = 1  # the norm + modulation of r read as an input
+        if what in ("addcmul_value", "sub_outer") and residual != "none":
+            inner = 1  # the residual + norm without the modulation
         if what == "r_narrowed":
             inner = 1  # r rounded, then upcast for the norm: the "roundtrip" form, exact
         expect = {FAMILY: near(inner)}
@@ -209,7 +230,9 @@ def draw(d: Draw) -> Case:
         expect[FAMILY].alt = {"rms_norm": 1, **({"scale_shift": 1} if mod != "none" else {})}
     if 0 in shape:
         kind, expect = "free", {FAMILY: Expect(want=0, allow=1, report=0)}
-    name = f"{kind}:{what}/{residual}/{norm}/{aff}/mod={mod}/{dtype}/{shape}/{layout}"
+    name = f"{kind}:{what}/{residual}/{norm}/{aff}/mod={mod},{spell}/{dtype}/{shape}/{layout}"
+    # no rope here: a rope miss would be a spurious one (the recogniser seeing a rope in a modulation)
+    expect.update({"qk_norm_rope": absent(), "rope": absent()})
     case = Case(FAMILY, kind, name, init, body, args, expect, tol)
     # an integer cast after a site turns a last-bit difference into a unit (case.py)
     case.outliers = 0.05 if what in ("int_mid", "bool_mid", "int_res") else 0.0

@@ -6,21 +6,37 @@ strided writes into `empty_like`, the stack form `torch.stack([-x_imag, x_real],
 rope; with or without the `.float()` casts; tables pair-duplicated or random, fp32 or
 the model's dtype, shaped [L, D] (indexed `[None, :, None]`), [L, 1, D] or [1, L, 1, D];
 HunyuanVideo's token range `cat([rope(n[:, :a]), n[:, a:]])` either way round; output
-transposed for attention or not. Near-misses: Wan's tables swapped or read at odd
-offsets, a norm over another dim, a scale / GELU / integer round trip between norm and
-rope, the normalised q also used outside the rope, odd head_dim with a partial rope, a
-rope of a q that is not normalised. Free (may fuse, must be exact, unfused must be
-reported): the stack form's tables swapped or sin negated (a rope of other tables),
-cos/sin of different shapes, half-width tables given directly to Wan's form, Wan's form
-on a token range."""
+transposed for attention or not; and every spelling of gen_rope.py (rotate_half by chunk
+or slices, sglang's strided slices with tables of one entry per pair, LightX2V's strided
+writes, 2x2 rotation-matrix tables with `+`, `addcmul_` or `.sum(-1)`, unbind + stack with
+`cos[..., 0::2]`, complex128 rounded back; tables of one entry per pair expanded in the graph).
+Near-misses for this family: a norm over another dim, a scale / GELU / integer round trip
+between norm and rope, a graph break between them, the normalised q also used outside the
+rope, odd head_dim with a partial rope, a rope of a q that is not normalised (the `rope`
+family may fuse those ropes: fused or reported for a scale, a GELU, no norm, a graph
+break). Near-misses for both families (gen_rope.NEAR): pairs that do not match, three
+channels, the input times itself, tables computed from the input, an offset, a narrowing
+cast mid-rope, cos per token but sin per head, 4x4 blocks, an fp64 result. Free (may fuse,
+must be exact, unfused must be reported): tables swapped or read at odd offsets (Wan's and
+the other forms: still `x[j]*A_j + x[pair(j)]*B_j` with table entries, so the op reads
+those entries), sin negated, cos/sin of different shapes, half-width tables given directly
+to Wan's form, Wan's form on a token range."""
 from __future__ import annotations
 
+from . import gen_rope
 from .case import Case, Draw, Expect, dims, loosest, near, param, randn, site
 
 FAMILY = "qk_norm_rope"
-NEAR = ("wan_swapped", "wan_offset", "norm_dim_other", "scale_between", "gelu_between", "int_between",
-        "used_twice", "odd_head", "no_norm")
-FREE = ("stack_swapped", "neg_sin", "diff_tables", "wan_half_tables", "wan_token_range")
+# the rope reads something other than one norm's output (the `rope` family may take the rope)
+NEAR = ("norm_dim_other", "scale_between", "gelu_between", "int_between", "used_twice", "odd_head", "no_norm",
+        "graph_break")
+# the rope's own math is not a pair rotation (gen_rope.NEAR): neither family may match
+ROPE_NEAR = gen_rope.NEAR
+FREE = ("stack_swapped", "neg_sin", "diff_tables", "wan_half_tables", "wan_token_range", "wan_swapped", "wan_offset",
+        "swapped", "odd_offset")
+# the spellings gen_rope writes (the old five are written here)
+NEW_FORMS = ("rh_chunk", "rh_slice", "unbind_half", "sgl", "sgl_neox", "lightx2v", "rotmat", "rotmat_addcmul",
+             "rotmat_sum", "complex128")
 
 
 def tables(form: str, kind: str, rows: int, hd: int, tdt: str, tshape: str) -> list:
@@ -44,13 +60,25 @@ def draw(d: Draw) -> Case:
     heads = d("heads", (2, 1, 3))
     hd = d("head_dim", (8, 4, 16, 6, 2), (4, 2, 2, 1, 1))
     kind = d("kind", ("site", "near", "free"), (5, 3, 2))
-    what = d("near", NEAR) if kind == "near" else d("free", FREE) if kind == "free" else "none"
-    form = d("form", ("stack", "wan", "neox", "complex", "flat"), (4, 3, 2, 2, 1))
+    what = "none"
+    if kind == "near":
+        what = d("near", NEAR) if d("near_of", ("context", "rope"), (1, 1)) == "context" else d("rope_near", ROPE_NEAR)
+    elif kind == "free":
+        what = d("free", FREE)
+    if not gen_rope.near_ok(what, hd, heads, l):
+        kind, what = "site", "none"
+    if what == "diff_pos" and l < 2:
+        kind, what = "site", "none"
+    form = d("form", ("stack", "wan", "neox", "complex", "flat") + NEW_FORMS, (4, 3, 2, 2, 1) + (1,) * len(NEW_FORMS))
+    if form in NEW_FORMS and hd < 4:
+        hd = 4  # the recogniser's candidates: an even head_dim of 4 or more
     if what.startswith("wan_"):
         form = "wan"
+    if what in ROPE_NEAR or what in ("swapped", "odd_offset"):
+        form = gen_rope.form_for(d, what, form, hd)
     if what in ("stack_swapped", "neg_sin", "odd_head"):
         form = "stack"
-    if what == "diff_tables" and form in ("complex", "wan", "flat"):
+    if what == "diff_tables" and form not in ("stack", "neox"):
         form = "stack"
     scope = d("scope", ("per_head", "across"))
     if form == "flat":
@@ -66,12 +94,21 @@ def draw(d: Draw) -> Case:
     tkind = d("tables", ("dup", "random"), (1, 1))
     if what == "wan_half_tables":
         tkind = "half"
+    if form in NEW_FORMS:
+        tkind = d("new_tables", ("dup", "random", "pair"), (2, 2, 1))
+        if tkind == "pair" and form not in gen_rope.FULL_TABLES:
+            tkind = "dup"
+        if form == "complex128":
+            tkind = d("freqs", ("c128", "c64"), (3, 1))
     tdt = d("table_dtype", ("float32", "same"), (3, 1))
     tdt = dtype if tdt == "same" else tdt
+    if what == "fp64_out":
+        tdt = "float32"
     tshape = d("table_shape", ("2d", "3d", "4d"), (3, 2, 1))
     casts = d("rope_casts", (True, False), (3, 1))
-    if form == "complex" and dtype != "float32":
-        casts = True  # view_as_complex takes fp32 pairs only
+    if form == "complex" and dtype != "float32" or form == "complex128" or what == "mid_cast":
+        casts = True  # view_as_complex takes fp32 / fp64 pairs only
+    back = gen_rope.pick_back(d, form) if form in NEW_FORMS else "to"
     token_range = d("token_range", ("none", "rope_first", "rest_first"), (5, 1, 1))
     if what == "wan_token_range":
         token_range = "rope_first"
@@ -83,8 +120,10 @@ def draw(d: Draw) -> Case:
     both = d("q_and_k", (False, True), (2, 1))
     transpose = d("transpose", (True, False))
     layout = d("layout", ("contig", "sliced", "transposed"), (6, 1, 1))
-    if form == "complex" and layout == "transposed":
+    if form in ("complex", "complex128") and layout == "transposed":
         layout = "sliced"  # view_as_complex needs a unit last stride (eager raises too)
+    if form == "complex128" and what == "no_norm":
+        layout = "contig"  # ... and even strides
     eps = d("eps", (1e-6, 1e-5, 1e-3))
     width = heads * hd
     nd = width if scope == "across" else hd
@@ -92,6 +131,8 @@ def draw(d: Draw) -> Case:
     args = [("x", randn([b, l + ntext, width], dtype, layout))]
     if form == "flat":  # LTX: the whole q width is one head; tables [1, L, H*D] span it
         tabs = [(n, f"({e})[None]") for n, e in tables("stack", tkind, rows, width, tdt, "2d")]
+    elif form in NEW_FORMS or what in ROPE_NEAR:
+        tabs = gen_rope.table_args(form, what, tkind, rows, hd, tdt, tshape, heads)
     else:
         tabs = tables(form, tkind, rows, 8 if what == "odd_head" else hd, tdt, tshape)
     args += tabs
@@ -138,13 +179,15 @@ def draw(d: Draw) -> Case:
         else:
             body.append(f"{src} = {src}.unflatten(2, ({heads}, {hd}))")
             body += norm_expr(nm, src)
-        if what == "scale_between":
+        if what == "graph_break":  # the norm, then a graph break, then the rope
+            body.append("torch._dynamo.graph_break()")
+        elif what == "scale_between":
             body.append("n = n * 0.5")
         elif what == "gelu_between":
             body.append("n = F.gelu(n)")
         elif what == "int_between":
             body.append("n = (n * 4).to(torch.int32).to(n.dtype)")
-        roped = rope_lines(form, what, casts, tshape, ntext, token_range, width if form == "flat" else hd)
+        roped = rope_lines(form, what, casts, tshape, ntext, token_range, width if form == "flat" else hd, tkind, back)
         body += roped
         if what == "used_twice":
             body.append("o = o + n")
@@ -154,22 +197,34 @@ def draw(d: Draw) -> Case:
     body.append("return " + ", ".join(f"o_{nm}" for nm in names))
 
     n_sites = len(names)
-    expect = {FAMILY: site(n_sites)}
+    # the `rope` family takes ropes whose input is not a norm's output: never those of a site
+    expect = {FAMILY: site(n_sites), "rope": near()}
     if kind == "near":
-        expect = {FAMILY: near()}
+        expect = {FAMILY: near(), "rope": Expect(want=0, allow=n_sites, report=0)}  # a rope of its own: exact
+        if what in ("no_norm", "scale_between", "gelu_between", "graph_break"):
+            # the rope reads no norm: the rope family's site, fused or reported
+            expect["rope"] = Expect(want=0, allow=n_sites, report=n_sites)
+        if what in ROPE_NEAR:
+            expect["rope"] = near()
+        if what in gen_rope.INNER:  # a whole rope inside: may fuse with its norm, exactly
+            expect[FAMILY] = near(n_sites)
     elif kind == "free":
-        expect = {FAMILY: Expect(want=0, allow=n_sites, report=n_sites)}
+        expect = {FAMILY: Expect(want=0, allow=n_sites, report=n_sites), "rope": near()}
     if 0 in (b, l):
-        kind, expect = "free", {FAMILY: Expect(want=0, allow=n_sites, report=0)}
+        kind, expect = "free", {FAMILY: Expect(want=0, allow=n_sites, report=0),
+                                "rope": Expect(want=0, allow=n_sites, report=0)}
     name = (f"{kind}:{what}/{form}/{norm}/{scope}/w={wform}/tables={tkind},{tdt},{tshape}/range={token_range}"
             f"/{dtype}/B{b} L{l} H{heads} D{hd}/{layout}/{'qk' if both else 'q'}")
+    if what == "mid_cast":
+        tol = loosest(tol, "bfloat16")
     case = Case(FAMILY, kind, name, init, body, args, expect, tol)
     # an integer cast after a site turns a last-bit difference into a unit (case.py)
     case.outliers = 0.05 if what == "int_between" else 0.0
     return case
 
 
-def rope_lines(form: str, what: str, casts: bool, tshape: str, ntext: int, token_range: str, hd: int) -> list:
+def rope_lines(form: str, what: str, casts: bool, tshape: str, ntext: int, token_range: str, hd: int,
+               tkind: str = "dup", back: str = "to") -> list:
     """Lines computing `o` = rope(n) (or, on a token range, rope of part of n joined with the rest)."""
     idx = {"2d": "[None, :, None, :]", "3d": "[None]", "4d": ""}[tshape]
     cos, sin, fc = f"cos{idx}", f"sin{idx}", f"freqs{idx}"
@@ -185,9 +240,15 @@ def rope_lines(form: str, what: str, casts: bool, tshape: str, ntext: int, token
         lines.append(f"r = n[:, {ntext}:]")
     else:
         r = "n"
+    if form in NEW_FORMS or what in gen_rope.NEAR or what in ("swapped", "odd_offset"):
+        lines += gen_rope.rope_lines(form, what, r, hd, {"2d": "[None, :, None]", "3d": "[None]", "4d": ""}[tshape],
+                                     casts, tkind, back)
+        form = "done"
     f_ = ".float()" if casts else ""
     back = f".to({r}.dtype)" if casts else ""
-    if form == "wan":
+    if form == "done":
+        pass
+    elif form == "wan":
         c0 = "1::2" if what == "wan_offset" else "0::2"
         ch, sh = (f"{cos}[..., {c0}]", f"{sin}[..., 1::2]") if what != "wan_half_tables" else (cos, sin)
         lines += [f"x1, x2 = {r}.unflatten(-1, ({hd // 2}, 2)).unbind(-1)", f"c, s = {ch}, {sh}",

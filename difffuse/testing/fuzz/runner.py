@@ -11,7 +11,8 @@ Outcomes per case and lowering (the columns of `Summary.table`):
   aborted    the pass gave up on the graph (a "pass failed" note) or a check raised (an
              "internal error" miss, or a "check failed" warning where another variant then
              took the site): an exception is never how a site is turned away
-  incons     a site left unfused (fewer than `want`/`report` matches) that is not a reported miss
+  incons     a site left unfused (fewer than `want`/`report` matches) that is not a reported miss,
+             or a miss reported for a family the case holds nothing of (`Expect.absent`)
 Plain Inductor is compiled lazily, only when it decides an outcome (a tolerance violation,
 a crash): it is the noise floor, and compiling it for every case would cost most of the
 budget. `baseline="always"` compiles it for every case and also records its error.
@@ -225,6 +226,8 @@ def _classify(res: Result, inductor_err: Callable[[], float]) -> None:
         if missing > 0 and reported < missing and not covered and not res.error:
             f["incons"] = (f"{fam}: {n} match(es) and {reported} reported miss(es) for {exp.report} site(s); "
                            f"misses: {res.misses}")
+        if exp.absent and reported:
+            f["incons"] = f"{fam}: {reported} miss(es) reported where the case has none of it: {res.misses}"
 
 
 # ------------------------------------------------------------------ generation
