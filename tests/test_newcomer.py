@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import email
+import json
 import os
 import re
 import shutil
@@ -289,6 +290,110 @@ def test_demo_times_three_modes(tmp_path):
         assert re.search(rf"^\s+{mode}\b.*ms/step", out, flags=re.M), mode
     assert "compiling the transformer with torch.compile(backend='inductor')" in out
     assert "compiling the transformer with torch.compile(backend='difffuse'" in out
+    # each first call from its own empty Inductor cache, after a throwaway compile warmed the process
+    assert len(re.findall(r"first call \(trace \+ compile from an empty cache \+ one step\) [\d.]+ s", out)) == 2
     assert "difffuse fusion report" in out
     assert re.search(r"max \|difffuse - eager\| after 2 steps = ", out)
     assert not list(tmp_path.glob("*.gif"))
+
+
+# --- issue 30: DIFFFUSE_DISABLE spellings, the error a user sees, the clone shadowing the install,
+# --- the examples' help, the kernels note vs the table, the fuzzer's temporary files -------------
+
+@pytest.mark.parametrize("value, disabled", [("1", True), ("true", True), ("YES", True), (" On ", True),
+                                             ("0", False), ("false", False), ("No", False), ("OFF", False),
+                                             ("", False)])
+def test_disable_accepts_the_usual_spellings(monkeypatch, value, disabled):
+    monkeypatch.setenv("DIFFFUSE_DISABLE", value)
+    assert parse_options({}).disabled is disabled
+
+
+@pytest.mark.parametrize("value", ["2", "disable", "nein"])
+def test_disable_rejects_other_values(monkeypatch, value):
+    monkeypatch.setenv("DIFFFUSE_DISABLE", value)
+    with pytest.raises(ValueError, match=rf"DIFFFUSE_DISABLE is '{value}', not a boolean; valid .*1, true, yes, on"):
+        parse_options({})
+
+
+def test_option_error_output_is_short(tmp_path):
+    """What a new user's script prints for a misspelt option (torch 2.13: 19 lines): a traceback
+    from their own line to difffuse's, the message last, no BackendCompilerFailed and no
+    "report this to PyTorch" footer."""
+    script = tmp_path / "user.py"
+    script.write_text("import torch\n"
+                      "m = torch.nn.Linear(4, 4)\n"
+                      "compiled = torch.compile(m, backend='difffuse', options={'max_autotun': True})\n"
+                      "compiled(torch.randn(2, 4))\n")
+    proc = _run([str(script)], timeout=300, cwd=tmp_path, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")})
+    lines = proc.stderr.rstrip().splitlines()
+    assert proc.returncode == 1
+    assert lines[0] == "Traceback (most recent call last):" and f'File "{script}", line 4' in lines[1]
+    assert lines[-1].startswith("difffuse.fusion_pass.config.OptionError: difffuse: unknown option 'max_autotun' "
+                                "(did you mean 'max_autotune'?)"), lines[-1]
+    assert "BackendCompilerFailed" not in proc.stderr and "PyTorch" not in proc.stderr
+    assert len(lines) <= 25, proc.stderr
+
+
+@pytest.mark.skipif(not (ROOT / "difffuse").is_dir() or not (ROOT / ".git").exists(), reason="needs a clone")
+def test_clone_shadowing_the_install_is_named(tmp_path):
+    """Python started in the folder that holds a clone: with an editable install the clone (a folder
+    named difffuse) shadows the package. The backend's error and the switch's warning say so."""
+    import importlib.metadata
+
+    if not any(json.loads(d.read_text("direct_url.json") or "{}").get("dir_info", {}).get("editable")
+               for d in importlib.metadata.distributions(name="difffuse")):
+        pytest.skip("a regular install is not shadowed by a folder without __init__.py")
+    (tmp_path / "difffuse" / "examples").mkdir(parents=True)  # what a clone's folder looks like from outside
+    code = "import torch\ntorch.compile(torch.nn.Linear(4, 4), backend='difffuse')(torch.randn(2, 4))\n"
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"), "PYTHONPATH": ""}
+    proc = _run(["-c", code], timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 1
+    assert f"`import difffuse` found the folder {tmp_path / 'difffuse'}" in proc.stderr
+    assert "shadows the install" in proc.stderr
+    proc = _run(["-c", "import torch; print('torch imported')"], timeout=300, cwd=tmp_path,
+                env={**env, "DIFFFUSE_INDUCTOR_PASS": "1"})
+    assert proc.returncode == 0 and "torch imported" in proc.stdout
+    assert "shadows the install" in proc.stderr and "the Inductor switch (DIFFFUSE_INDUCTOR_PASS) stays off" in proc.stderr
+
+
+def test_example_help_shows_no_none_default():
+    proc = _run([str(ROOT / "examples" / "wan_t2v.py"), "--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: tiny random pipeline)" in text and "(default: 4)" in text
+
+
+def test_report_explains_calls_beyond_matches():
+    """Flux's joint q/k rope: 8 matches in the table, 12 op calls in the kernels note."""
+    from difffuse.fusion_pass.report import GraphRecord, Report
+
+    g = GraphRecord("graph0", "reference", matches={"qk_norm_rope": 8, "attention": 4}, notes=[
+        "kernels: attention -> difffuse::attention x4, qk_norm_rope -> difffuse::qk_norm_rope x12"])
+    text = str(Report([g]))
+    assert "qk_norm_rope: 8 matches (the table), 12 op calls (kernels): one match can make several" in text
+    assert "one per stream" in text and "attention: 4 matches" not in text
+
+
+def test_fuzzer_removes_its_temporary_files(tmp_path):
+    code = ("import os, sys\n"
+            "from difffuse.testing.fuzz import runner\n"
+            "runner.setup()\n"
+            "open(os.path.join(runner._TMP, 'case.py'), 'w').write('x = 1')\n"
+            "print(runner._TMP)\n")
+    proc = _run(["-c", code], timeout=300, env={"TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    made = Path(proc.stdout.strip().splitlines()[-1])
+    assert made.parent == tmp_path and made.name.startswith("difffuse-fuzz-")
+    assert not made.exists() and not list(tmp_path.glob("difffuse-fuzz-*"))
+
+
+def test_wheel_carries_the_entry_points(built):
+    """The wheel has the top-level difffuse_entry module and both entry points torch loads: the
+    backend by name and the Inductor switch (`torch.backends`, loaded by `import torch`)."""
+    with zipfile.ZipFile(built.wheel) as whl:
+        names = whl.namelist()
+        eps = whl.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "difffuse_entry.py" in names
+    assert "[torch.backends]\ndifffuse = difffuse_entry:torch_autoload" in eps
+    assert "[torch_dynamo_backends]\ndifffuse = difffuse_entry:backend" in eps
