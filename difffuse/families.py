@@ -18,6 +18,8 @@ class FamilyEntry:
 # split by the plain norm pattern
 TABLE: tuple[FamilyEntry, ...] = (
     FamilyEntry("qk_norm_rope", "difffuse.patterns.qk_norm_rope", "q/k RMSNorm or LayerNorm + rotary embedding"),
+    # ropes with no norm in front (the same recogniser; qk_norm_rope took the others)
+    FamilyEntry("rope", "difffuse.patterns.rope_only", "rotary embedding with no norm in front"),
     FamilyEntry("norm_scale_shift", "difffuse.patterns.norm_scale_shift",
                 "residual (+ gate) -> LayerNorm/RMSNorm -> AdaLN modulation"),
     # rms_norm's table plus the tensor-parallel variants

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from . import flash_attention as fa
 from . import triton_kernels as tk
-from .sites import (AttentionSite, LinearGeluSite, NormScaleShiftSite, QKNormRopeSite, RMSNormSite, ScaleShiftSite, TensorSpec,
-                    known, specs)
+from .sites import (AttentionSite, LinearGeluSite, NormScaleShiftSite, QKNormRopeSite, RMSNormSite, RopeSite,
+                    ScaleShiftSite, TensorSpec, known, specs)
 
 INTERPRET = tk.INTERPRET
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -80,7 +80,16 @@ def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: 
                            full_tables)
 
 
+def rope(x, cos, sin, interleaved: bool, out_dtype: torch.dtype, full_tables: bool = True) -> Tensor:
+    """difffuse::rope as fp32 torch ops in the replacement graph: Inductor compiles them into
+    one pointwise kernel (what it cannot do for the complex / fp64 spelling it replaces)."""
+    from .ops import rope_ref
+
+    return rope_ref(x, cos, sin, interleaved, full_tables).to(out_dtype)
+
+
 IMPLS = {
+    "rope": rope,
     "rms_norm": torch.ops.difffuse.triton_rms_norm.default,
     "scale_shift": torch.ops.difffuse.triton_scale_shift.default,
     "norm_scale_shift": norm_scale_shift,
@@ -224,6 +233,16 @@ _RULES = {
     LinearGeluSite: _linear_gelu,
     AttentionSite: fa.supports,
 }
+
+
+def _rope(site: RopeSite) -> Optional[str]:
+    if not site.slow_spelling:
+        return ("a real-valued rope alone is one pointwise kernel that Inductor already generates "
+                "(difffuse fuses a rope with the norm before it, or rewrites complex / fp64 spellings)")
+    return None
+
+
+_RULES[RopeSite] = _rope
 
 
 def supports(site) -> Optional[str]:

@@ -80,7 +80,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .sites import (AttentionSite, NormScaleShiftSite, QKNormRopeSite, RMSNormSite, RsqrtMulSite, ScaleShiftSite,
+from .sites import (AttentionSite, NormScaleShiftSite, QKNormRopeSite, RMSNormSite, RopeSite, RsqrtMulSite, ScaleShiftSite,
                     TensorSpec, VarianceSite, known, specs)
 
 try:  # both are needed; sgl_kernel_npu itself imports torch_npu and loads its .so
@@ -260,6 +260,16 @@ def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: 
     return rotary_mul(n, r1, r2, "interleave" if interleaved else "half").to(out_dtype)
 
 
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out_dtype: torch.dtype,
+         full_tables: bool = True) -> Tensor:
+    """difffuse::rope = npu_rotary_mul on x in fp32 (the tables as in qk_norm_rope; a rope
+    the model computed in complex128 arrives with fp32 tables, the fp64 rule of patterns/rope.py)."""
+    c, s = _table4(cos), _table4(sin)
+    if interleaved and not full_tables:
+        c, s = c[..., 0::2].repeat_interleave(2, -1), s[..., 1::2].repeat_interleave(2, -1)
+    return rotary_mul(x.float(), c, s, "interleave" if interleaved else "half").to(out_dtype)
+
+
 def variance(x: Tensor) -> Tensor:
     """difffuse::variance = fused_variance(x fp32) (tensor-parallel RMSNorm, first half)."""
     return fused_variance(x.float().reshape(1, -1, x.shape[-1])).reshape(*x.shape[:-1], 1)
@@ -277,6 +287,7 @@ IMPLS = {
     "scale_shift": scale_shift,
     "norm_scale_shift": norm_scale_shift,
     "qk_norm_rope": qk_norm_rope,
+    "rope": rope,
     "variance": variance,
     "rsqrt_mul": rsqrt_mul,
     "attention": fusion_attention,
@@ -395,6 +406,10 @@ def _norm_scale_shift(site: NormScaleShiftSite) -> Optional[str]:
     return modulation_reason(tuple(r_shape), site.scale, site.shift, site.k)
 
 
+def _rope(site: RopeSite) -> Optional[str]:
+    return _float_ok(site) or _rope_reason(tuple(site.x.shape), site.cos, site.sin, site.interleaved)
+
+
 def _qk_norm_rope(site: QKNormRopeSite) -> Optional[str]:
     if not site.is_rms or site.bias is not None:
         return "LayerNorm q/k: the NPU lowering has RMSNorm kernels only"
@@ -443,6 +458,7 @@ _RULES = {
     ScaleShiftSite: _scale_shift,
     NormScaleShiftSite: _norm_scale_shift,
     QKNormRopeSite: _qk_norm_rope,
+    RopeSite: _rope,
 }
 
 

@@ -220,6 +220,19 @@ def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype,
     return x.new_empty(shape, dtype=out_dtype)
 
 
+# ---------------------------------------------------------------- rope (no norm in front)
+@torch.library.custom_op(f"{LIB}::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, out_dtype: torch.dtype,
+         full_tables: bool = True) -> Tensor:
+    """A rotary embedding alone: rope_ref(x, cos, sin) in fp32, returned as out_dtype."""
+    return rope_ref(x, cos, sin, interleaved, full_tables).to(out_dtype).contiguous()
+
+
+@rope.register_fake
+def _(x, cos, sin, interleaved, out_dtype, full_tables=True):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
 # ---------------------------------------------------------------- linear_gelu
 def linear_gelu_ref(x: Tensor, weight: Tensor, bias: Tensor, out_dtype: torch.dtype) -> Tensor:
     """y = gelu_tanh(x @ weight.T + bias) for 2-D x, in fp32, cast to out_dtype.
@@ -278,6 +291,7 @@ REFERENCE = {
     "scale_shift": torch.ops.difffuse.scale_shift.default,
     "norm_scale_shift": torch.ops.difffuse.norm_scale_shift.default,
     "qk_norm_rope": torch.ops.difffuse.qk_norm_rope.default,
+    "rope": torch.ops.difffuse.rope.default,
     "linear_gelu": torch.ops.difffuse.linear_gelu.default,
 }
 

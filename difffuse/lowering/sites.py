@@ -163,6 +163,21 @@ class QKNormRopeSite:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeSite:
+    """A rope with no norm in front: x [.., D]; cos/sin broadcast against x. `slow_spelling`:
+    the model computes it with complex tensors or in fp64 (what plain Inductor cannot
+    compile into one kernel)."""
+    FAMILY: ClassVar[str] = "rope"
+    x: TensorSpec
+    cos: TensorSpec
+    sin: TensorSpec
+    interleaved: bool
+    out_dtype: torch.dtype
+    full_tables: bool = True
+    slow_spelling: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class LinearGeluSite:
     FAMILY: ClassVar[str] = "linear_gelu"
     x: TensorSpec
@@ -190,4 +205,5 @@ class AttentionSite:
 
 
 SITE_TYPES = {cls.FAMILY: cls for cls in (RMSNormSite, VarianceSite, RsqrtMulSite, ScaleShiftSite,
-                                          NormScaleShiftSite, QKNormRopeSite, LinearGeluSite, AttentionSite)}
+                                          NormScaleShiftSite, QKNormRopeSite, RopeSite, LinearGeluSite,
+                                          AttentionSite)}

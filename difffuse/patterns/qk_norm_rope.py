@@ -1,51 +1,24 @@
 """qk_norm_rope: RMSNorm (or LayerNorm) of q (or k) followed by a rotary embedding, in one op call.
 
     x ─ norm(last dim, eps, w, b)  ─ (view [.., H*D] → [.., H, D])? ─ r ─ rope(r, cos, sin) ─▶ out [.., H, D]
-      ==>  difffuse::qk_norm_rope(x, w, cos, sin, eps, H, across_heads, interleaved, out_dtype, b, is_rms)
+      ==>  difffuse::qk_norm_rope(x, w, cos, sin, eps, H, across_heads, interleaved, out_dtype, b, is_rms,
+                                  full_tables)
 
-The norm is any of rms_norm's own variants (its table, matched at the node that feeds the
-rope) or a LayerNorm (patterns/layer_norm.py: weight and bias parameters); a layout
-`clone` before it is dropped (the op reads strides). Its scope is read from the shapes: *across heads* (x is [.., H*D], viewed to
-[.., H, D] after the norm: Wan) or *per head* (x is [.., H, D]: Flux, Qwen-Image, ...).
-The rope is one of the spellings below (each a variant, dumped from torch 2.13 post-grad
-graphs, fp32 and bf16; `.float()` casts are their own variants, mixed-dtype products
-leave no cast node). The permute to [B, H, L, D] for attention stays in the graph.
-
-  wan_scatter  (diffusers WanAttnProcessor, interleaved pairs; half tables c = cos[..., 0::2], s = sin[..., 1::2])
-      x1, x2 = unbind(view(r, [.., D/2, 2]), -1);  buf = empty(r.shape)
-      ss0 = slice_scatter(buf, copy(buf[..., 0::2], x1*c - x2*s), -1, 0, ∞, 2)
-      out = slice_scatter(ss0, copy(ss0[..., 1::2], x1*s + x2*c), -1, 1, ∞, 2)
-  stack        (diffusers apply_rotary_emb, use_real_unbind_dim=-1: Flux, HunyuanVideo, LTX)
-      re, im = unbind(view(r, [.., D/2, 2]), -1);  rot = view(cat([(-im)[..., None], re[..., None]], -1), r.shape)
-      out = (r.float() * cos + rot.float() * sin).to(r.dtype)
-  neox         (use_real_unbind_dim=-2, rotate_half: CogView4, Cosmos, OmniGen)
-      a, b = unbind(view(r, [.., 2, D/2]), -2);  out = (r.float() * cos + cat([-b, a], -1).float() * sin).to(r.dtype)
-  complex      (Qwen-Image, Lumina: view_as_complex(r.float().reshape(.., D/2, 2)) * freqs_cis)
-      out = view(view_as_real(view_as_complex(view(r, [.., D/2, 2])) * f), r.shape).type_as(r)
-      ==> cos = sin = view_as_real(f).flatten(-2) in the replacement (cos[2i] = Re f_i,
-          sin[2i+1] = Im f_i: exactly the op's interleaved pair rotation).
+The rope is found by the one rope recogniser (patterns/rope.py), whatever its spelling:
+it gives the pairing (interleaved or halves), the op's cos/sin (read from the model's own
+tables, or gathered from them) and the site's nodes. This module then looks at what
+surrounds the rope: the norm is any of rms_norm's own variants (its table, matched at the
+node that feeds the rope) or a LayerNorm (patterns/layer_norm.py: weight and bias
+parameters); a layout `clone` before it is dropped (the op reads strides). Its scope is
+read from the shapes: *across heads* (x is [.., H*D], viewed to [.., H, D] after the norm:
+Wan) or *per head* (x is [.., H, D]: Flux, Qwen-Image, ...).
 
 A q/k of rank 3 ([B, L, D], no head dim: LTX-Video ropes the whole width after its
 across-heads norm) is one head of width D: the op gets [B, L, 1, D] views. So is a per-head
 q/k laid out [B, H, L, D] (CogVideoX normalises after the transpose): the tables index
 dim -2, so it is the token dim, and the op gets [B, H, L, 1, D].
 
-The op's interleaved math has two table readings. Half tables (wan_scatter, complex):
-out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i+1], out[2i+1] = x[2i]*sin[2i+1] + x[2i+1]*cos[2i],
-exact for those forms with any tables. Full tables (`full_tables=True`, the stack form):
-out[2i] = x[2i]*cos[2i] - x[2i+1]*sin[2i], out[2i+1] = x[2i+1]*cos[2i+1] + x[2i]*sin[2i+1],
-every output element reading its own entries, exact for any table: a rope table is
-pair-duplicated (diffusers `get_1d_rotary_pos_embed(repeat_interleave_real=True)`), but
-that cannot be proven at compile time from a table that is a graph input.
-
-Checks (a false match is the worst bug): the norm reduces the last dim, eps is read from
-the match; nothing but views sits between the norm and the rope, and neither the norm
-output nor the views are used elsewhere; head_dim even; cos and sin have one shape, span
-head_dim and broadcast against [.., H, D] without enlarging it; in wan_scatter the table
-multiplied with x1 in the first output is `cos[..., 0::2]` and the other `sin[..., 1::2]`
-(swapped tables or offsets do not match). Unmatched ropes are reported by `anchors`
-(unbind over a size-2 dim, view_as_complex, a rotate_half cat) with the reason.
-Beyond one norm feeding one rope (each its own variant or check):
+Beyond one norm feeding one rope:
   joint streams  rope(cat([norm_a(q_txt), norm_b(q_img)], token dim)) (Flux, HunyuanVideo
                  dual blocks): one op call per stream on its rows of the tables, joined;
                  each stream keeps its own weight and eps.
@@ -55,8 +28,13 @@ Beyond one norm feeding one rope (each its own variant or check):
   in place       q[:, :, a:] = rope(q[:, :, a:]) (CogVideoX), functionalized as
                  slice_scatter(n, copy(n[.., a:], rope(n[.., a:])), d, a, end): the same one op
                  call; the copy must not round (rope output in q's dtype).
-Known misses: partial rotary over part of head_dim; a LayerNorm across heads on the CUDA
-lowering (its kernel normalises LayerNorm per head only) and on NPU.
+Checks (a false match is the worst bug): the norm reduces the last dim, eps is read from
+the match; nothing but views sits between the norm and the rope, and neither the norm
+output nor the views are used elsewhere; the tables broadcast against [.., H, D] without
+enlarging it. A rope whose input is not a norm's output is left to the `rope` family
+(patterns/rope_only.py), which reports the reason; so is one whose norm this op cannot
+take (a LayerNorm across heads on the CUDA lowering, say): the norm then fuses as
+rms_norm and the rope on its own.
 """
 from __future__ import annotations
 
@@ -64,9 +42,13 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import layer_norm
-from .common import CONVERT, VIEW_OPS, Family, Variant, aten, is_upcast, match_reason, val
+from .common import VIEW_OPS, Family, Variant, aten, inserted_by, match_reason, val
 from .rms_norm import RMSNormPattern
-from .rope_forms import INF_END, complex_rope, partial_rope, real_rope, scatter_rope, wan_scatter
+from .rope import Found, find_ropes
+from .rope_site import RopeMatch, RopePass
+from .rope_site import anchors as rope_anchors
+
+INF_END = 2 ** 63 - 1
 
 _RMS = RMSNormPattern()
 
@@ -139,66 +121,57 @@ class QKNormRopePattern(Family):
     name = "qk_norm_rope"
 
     def variants(self) -> list[Variant]:
-        out = [Variant("wan_scatter", wan_scatter(), {"form": "wan", "casts": False})]
-        def rope(form, casts, r=None):
-            return complex_rope(casts, r) if form == "complex" else real_rope(form, casts, r)
+        return []  # one recogniser, no pattern table (patterns/rope.py says why)
 
-        for form in ("stack", "neox", "complex"):
-            for casts in (True, False):
-                name = form + ("/float" if casts else "")
-                for first in (True, False):  # the partial forms first: their rope is a sub-pattern
-                    out.append(Variant(f"{name}/{'head' if first else 'tail'}_tokens",
-                                       partial_rope(rope, form, casts, first),
-                                       {"form": form, "casts": casts, "partial": "head" if first else "tail"}))
-                out.append(Variant(f"{name}/scatter_tokens", scatter_rope(rope, form, casts),
-                                   {"form": form, "casts": casts, "partial": "scatter"}))
-                out.append(Variant(name, rope(form, casts), {"form": form, "casts": casts}))
-        return out
-
-    # ------------------------------------------------------------------ misses
-    def anchor_of(self, match):
-        return next((n for n in match.nodes if n.target in (aten.unbind.int, aten.view_as_complex.default)), None)
+    def build_pass(self, get_ctx):
+        return RopePass(self, get_ctx)
 
     def anchors(self, graph):
-        found = []
-        for n in graph.find_nodes(op="call_function", target=aten.unbind.int):
-            t, dim = val(n.args[0]), (n.args[1] if len(n.args) > 1 else 0)
-            if isinstance(t, torch.Tensor) and t.ndim >= 2 and dim in (-1, -2, t.ndim - 1, t.ndim - 2) \
-                    and _eq(t.shape[dim], 2):
-                found.append(n)
-        found += graph.find_nodes(op="call_function", target=aten.view_as_complex.default)
-        for n in graph.find_nodes(op="call_function", target=aten.cat.default):  # rotate_half by slicing
-            parts = n.args[0]
-            if (len(parts) == 2 and all(isinstance(p, torch.fx.Node) for p in parts)
-                    and parts[0].target == aten.neg.default and isinstance(parts[0].args[0], torch.fx.Node)
-                    and parts[0].args[0].target == aten.slice.Tensor and parts[1].target == aten.slice.Tensor
-                    and parts[0].args[0].args[0] is parts[1].args[0]):
-                found.append(n)
-        return found
+        """Ropes still in the graph whose input is a norm's output (the others are the
+        `rope` family's): the rope's first pair split, where its reason was recorded."""
+        return rope_anchors(self, graph)
 
-    # ------------------------------------------------------------------ check
-    def check(self, match, variant):
-        kw, form, partial = match.kwargs, variant.info["form"], variant.info.get("partial")
-        r = self._roped_slice(match) if partial else kw["r"]
+    def norm_fed(self, f: Found) -> bool:
+        """The rope reads a norm's output (through views), a stream join or token range of one."""
+        n = f.root
+        if n.target == aten.cat.default:
+            return any(self._is_norm(p) for p in n.args[0] if isinstance(p, torch.fx.Node))
+        if n.target == aten.slice.Tensor:
+            n = n.args[0]
+        return self._is_norm(n)
+
+    takes = norm_fed
+
+    def explain(self, f: Found, reason: str) -> str:
+        return reason
+
+    @staticmethod
+    def _is_norm(n) -> bool:
+        """n is (through views) a norm's output, or a norm another family fused since."""
+        while isinstance(n, torch.fx.Node) and n.target in VIEW_OPS:
+            n = n.args[0]
+        if inserted_by(n)[:1] in (("rms_norm",), ("norm_scale_shift",)):
+            return True
+        return isinstance(n, torch.fx.Node) and _norm_at(n) is not None
+
+    # ------------------------------------------------------------------ site
+    def site(self, f: Found) -> tuple[RopeMatch, dict] | str:
+        """The op call(s) a recognised rope becomes with the norm in front of it, or why not."""
+        r, spec = f.root, f.spec
         rv = val(r)
-        if not isinstance(rv, torch.Tensor) or not rv.is_floating_point() or rv.ndim < 2:
-            return "rope input is not a floating-point tensor of rank >= 2"
+        tables = dict(zip(("cos", "sin"), spec.fake_tables()))
         d = rv.shape[-1]
-        if not isinstance(d, int) or d % 2:
-            return f"head_dim {d} is not an even constant"
-        tables = self._rope_reason(match, variant, rv, d)
-        if isinstance(tables, str):
-            return tables
-        out = match.output_node()
-        if partial == "scatter":
-            rope_out = out.args[1].args[1]  # slice_scatter(n, copy(dst, rope_out), ..)
-        else:
-            rope_out = out.args[0][0 if partial == "head" else 1] if partial else out
-        if not _same(val(rope_out).shape, rv.shape):
-            return f"rope output {tuple(val(rope_out).shape)} is not shaped like its input {tuple(rv.shape)}"
-        # the stack form reads every table entry (out[2i] uses cos[2i], sin[2i]; out[2i+1]
-        # cos[2i+1], sin[2i+1]): exact for any table, pair-duplicated or not
-        common = dict(out_dtype=val(out).dtype, interleaved=form != "neox", full_tables=form == "stack", form=form)
+        reason = _table_reason(tables["cos"], tables["sin"], tuple(rv.shape), d)
+        if reason:
+            return reason
+        common = dict(out_dtype=spec.out_dtype, interleaved=spec.interleaved, full_tables=spec.full_tables,
+                      spec=spec, table_nodes=spec.table_nodes())
+        match = RopeMatch(r.graph, f.out, [r] + list(f.nodes))
+        ctx = self._context(f, match)
+        if isinstance(ctx, str):
+            return ctx
+        partial, kw = ctx
+        match.kwargs = kw
         if partial:
             site = self._partial_site(match, kw, rv, tables, partial, common)
         elif r.target == aten.cat.default:
@@ -207,6 +180,8 @@ class QKNormRopePattern(Family):
             site = self._norm(match, r, rv)
             if not isinstance(site, str):
                 site.update(tables, **common)
+                if not _same(val(f.out).shape, rv.shape):  # the rope ends in a reshape (pairs, heads)
+                    site["out_shape"] = tuple(val(f.out).shape)
         if isinstance(site, str):
             return site
         for call in site.get("calls", [site]):
@@ -221,14 +196,40 @@ class QKNormRopePattern(Family):
                 got = call.get("check_tables", {})
                 call["check_tables"] = {"x": val(call["x"]).unsqueeze(-2), **{
                     t: got.get(t, val(tables[t])).unsqueeze(-2) for t in ("cos", "sin")}}
-        return site
+        return match, site
+
+    def _context(self, f: Found, match: RopeMatch):
+        """(partial, kwargs): how the rope sits in q/k. A rope on one token range of a
+        normalised q/k, joined back by a cat (`head`/`tail`) or written in place by a
+        slice_scatter (`scatter`); else (None, {})."""
+        r, out = f.root, f.out
+        if r.target != aten.slice.Tensor:
+            return None, {}
+        n, d = r.args[0], r.args[1] if len(r.args) > 1 else 0
+        a, b = (list(r.args[2:4]) + [None, INF_END])[:2]
+        kw = dict(normed=n, seg_dim=d, rope_start=0 if a is None else a, rope_end=INF_END if b is None else b)
+        users = list(out.users)
+        if len(users) != 1:
+            return "the rope on a token range is read by several nodes"
+        join = users[0]
+        if out.target == aten.copy.default and join.target == aten.slice_scatter.default \
+                and join.args[0] is n and join.args[1] is out and list(join.args[2:5]) == [d, *r.args[2:4]]:
+            kw["dst"] = out.args[0]
+            match.set_output(join, extra=[join])
+            return "scatter", kw
+        if join.target == aten.cat.default and len(join.args[0]) == 2 and (
+                join.args[1] if len(join.args) > 1 else 0) == d:
+            first = join.args[0][0] is out
+            rest = join.args[0][1 if first else 0]
+            if isinstance(rest, torch.fx.Node) and rest.target == aten.slice.Tensor and rest.args[0] is n \
+                    and rest.args[1] == d:
+                ra, rb = (list(rest.args[2:4]) + [None, INF_END])[:2]
+                kw.update(rest_start=0 if ra is None else ra, rest_end=INF_END if rb is None else rb)
+                match.set_output(join, extra=[rest, join])
+                return ("head" if first else "tail"), kw
+        return "the rope on a token range of q/k is not joined back with the rest of its tokens"
 
     # ------------------------------------------------------------------ token ranges
-    def _roped_slice(self, match):
-        kw = match.kwargs
-        return next(n for n in match.nodes if n.target == aten.slice.Tensor and n.args[0] is kw["normed"]
-                    and n.args[2] == kw["rope_start"] and n.args[3] == kw["rope_end"])
-
     def _partial_site(self, match, kw, rv, tables, partial, common) -> dict | str:
         """Rope on [a, b) of a token dim, the rest of that dim passed through: one op call
         on all tokens with identity rows (cos 1, sin 0) for the rest in the tables.
@@ -315,58 +316,8 @@ class QKNormRopePattern(Family):
                 tdim, offset, pv.shape[dim]) for t in ("cos", "sin")}
             calls.append(site)
             offset += pv.shape[dim]
-        return dict(calls=calls, join_dim=dim, table_dim=tdim, form=common["form"],
+        return dict(calls=calls, join_dim=dim, table_dim=tdim, spec=common["spec"], table_nodes=common["table_nodes"],
                     norm_nodes=[r] + [n for c in calls for n in c["norm_nodes"]], **tables)
-
-    def _rope_reason(self, match, variant, rv, d) -> dict | str:
-        """The rope's own checks; returns the op's cos/sin (or the complex table)."""
-        kw, form, shape = match.kwargs, variant.info["form"], tuple(rv.shape)
-        nodes = {n.target: n for n in match.nodes}
-        pair = val(nodes[aten.unbind.int].args[0]) if form != "complex" else \
-            val(nodes[aten.view_as_complex.default].args[0])
-        want = (*shape[:-1], 2, d // 2) if form == "neox" else (*shape[:-1], d // 2, 2)
-        if not _same(pair.shape, want):
-            return f"pairs viewed as {tuple(pair.shape)}, not {want}"
-        if form != "complex" and kw["unbind_dim"] not in ((-2, len(want) - 2) if form == "neox" else (-1, len(want) - 1)):
-            return f"unbind over dim {kw['unbind_dim']}, not the pair dim"
-        if "cat_dim" in kw and not _is_last(kw["cat_dim"], len(shape) + (form == "stack")):
-            return f"rotated halves concatenated over dim {kw['cat_dim']}, not the last"
-        if "u_dim" in kw and not _is_last(kw["u_dim"], len(shape) + 1):
-            return f"pairs stacked over dim {kw['u_dim']}, not the last"
-        if variant.info["casts"]:
-            out = match.output_node()  # the rope's own final cast is the output or feeds the join (or the copy)
-            if variant.info.get("partial") == "scatter":
-                out = out.args[1]
-            ups = [n for n in match.nodes if n.target == CONVERT and n is not out and out not in n.users]
-            if not all(is_upcast(n) and n.args[1] == torch.float32 for n in ups):
-                return "the rope computes in a narrower dtype than fp32 (.float() is not an upcast)"
-        if form == "wan":
-            buf = kw["buf"]
-            if buf.target not in (aten.empty.memory_format, aten.empty_like.default) or len(buf.users) != 2:
-                return "the pair writes do not go into a fresh empty buffer"
-            if not _same(val(buf).shape, shape) or not _is_last(kw["dim"], len(shape)):
-                return "the strided writes do not cover the last dim of an [.., H, D] buffer"
-            if kw["end"] != INF_END and kw["end"] < d:
-                return f"strided writes end at {kw['end']} < head_dim {d}"
-            cos, sin = _half_table(kw["c"], 0), _half_table(kw["s"], 1)
-            if cos is None or sin is None:
-                return ("x1 is not multiplied by cos[..., 0::2] and sin[..., 1::2] as a rope does "
-                        "(sin/cos swapped or not strided halves of full-width tables)")
-            half = (*shape[:-1], d // 2)  # the op reads only these halves; a symbolic table width is fine
-            if not all(_eq(val(kw[k]).shape[-1], d // 2) and _broadcasts_into(val(kw[k]), half) for k in "cs"):
-                return "cos/sin halves do not broadcast into q/k pairs"
-        elif form == "complex":
-            f = val(kw["freqs"])
-            if not (isinstance(f, torch.Tensor) and f.is_complex()):
-                return "the complex rope factor is not a complex tensor"
-            if not _eq(f.shape[-1], d // 2) or not _broadcasts_into(f, pair.shape[:-1]):
-                return f"complex table {tuple(f.shape)} does not broadcast into q/k pairs {tuple(pair.shape[:-1])}"
-            table = torch.view_as_real(f).flatten(-2)  # what the replacement passes as cos and sin
-            return {"cos": table, "sin": table, "freqs": kw["freqs"]}
-        else:
-            cos, sin = kw["cos"], kw["sin"]
-        reason = _table_reason(cos, sin, shape, d, full_width=form != "wan")
-        return reason if reason else {"cos": cos, "sin": sin}
 
     def _norm(self, match, r, rv, consumers=()) -> dict | str:
         """Walk r back through views to the norm (an RMSNorm of rms_norm's table, or a
@@ -408,20 +359,16 @@ class QKNormRopePattern(Family):
     def replace(self, match, variant, site, ctx):
         op = ctx.impl(self.name)
         calls = site.get("calls", [site])
-        complex_form = site["form"] == "complex"
-        table_args = [site["freqs"]] if complex_form else [site["cos"], site["sin"]]
+        spec = site["spec"]
+        table_args = site["table_nodes"]
         params = [c[k] for c in calls for k in ("weight", "bias")]  # each call's weight and bias, if any
         has_p = [p is not None for p in params]
         partial, join_dim, table_dim = site.get("partial"), site.get("join_dim"), site.get("table_dim")
 
         def fused(*args):
             xs, args = args[:len(calls)], args[len(calls):]
-            if complex_form:
-                cos = sin = torch.view_as_real(args[0]).flatten(-2)
-                args = args[1:]
-            else:
-                cos, sin, args = args[0], args[1], args[2:]
-            ps = iter(args)
+            cos, sin = spec.build(args[:len(table_args)])
+            ps = iter(args[len(table_args):])
             if partial:  # identity rows (cos 1, sin 0) for the tokens the model does not rope
                 shape = list(cos.shape)
                 shape[partial["dim"]] = partial["rest"]
@@ -440,7 +387,9 @@ class QKNormRopePattern(Family):
                 o = op(x, w, c, s, call["eps"], call["num_heads"], call["across_heads"], call["interleaved"],
                        call["out_dtype"], b, call["is_rms"], call["full_tables"])
                 outs.append(o.squeeze(-2) if call.get("one_head") else o)
-            return torch.cat(outs, join_dim) if join_dim is not None else outs[0]
+            if join_dim is not None:
+                return torch.cat(outs, join_dim)
+            return outs[0].reshape(site["out_shape"]) if site.get("out_shape") else outs[0]
 
         ctx.replace(match, fused, [c["x"] for c in calls] + table_args + [p for p in params if p is not None])
         graph = match.graph
