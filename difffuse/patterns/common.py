@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import os
 import re
 from typing import Any, Callable, Optional
 
@@ -20,6 +21,7 @@ from torch._inductor.pattern_matcher import (
 )
 from torch._inductor.pattern_matcher import _TargetArgsExpr
 
+from ..fusion_pass import report as _report
 from ..lowering.sites import SITE_TYPES, TensorSpec, specs
 
 log = logging.getLogger("difffuse")
@@ -79,31 +81,86 @@ def is_number(x: Any) -> bool:
 
 
 def source_of(node: torch.fx.Node) -> str:
-    """The user's source line for a node, from its stack trace."""
-    trace = node.meta.get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("File "):
-            code = lines[i + 1] if i + 1 < len(lines) else ""
-            return f"{lines[i]}: {code}".replace("File ", "", 1)
+    """The user's source line for a node: the innermost frame of its own stack trace that is
+    not torch's (an `nn.RMSNorm` traces into torch/nn/functional.py: the line the user wrote
+    is its caller), else the innermost frame. A node with no stack trace (an Inductor pattern
+    re-traced it: only the replacement's output keeps the replaced node's meta) takes the
+    line of the nearest node downstream that has one (the output of that replacement)."""
+    for n in _downstream(node):
+        trace = n.meta.get("stack_trace") or ""
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+        frames = [(ln, lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else "")
+                  for i, ln in enumerate(lines) if ln.startswith("File ")]
+        if frames:
+            where, code = next((f for f in reversed(frames) if not _in_torch(f[0])), frames[-1])
+            return f"{where}: {code}".replace("File ", "", 1)
     return ""
+
+
+def _downstream(node, limit: int = 8):
+    """node, then the nodes it feeds, nearest first (at most `limit`)."""
+    if not isinstance(node, torch.fx.Node):
+        return
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        n = todo.pop(0)
+        if n in seen or n.op == "output":
+            continue
+        seen.add(n)
+        yield n
+        todo += list(n.users)
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def _in_torch(frame_line: str) -> bool:
+    """A stack-trace frame line (`File "path", line N, in f`) in torch's own sources."""
+    m = re.match(r'File "([^"]+)"', frame_line)
+    return bool(m) and os.path.abspath(m.group(1)).startswith(_TORCH_DIR)
 
 
 def module_path(node: torch.fx.Node) -> str:
     """The innermost user module a node was traced in, as a dotted path from the compiled
-    module ("transformer_blocks.0.attn.norm_q"); "" if dynamo recorded none."""
+    module ("transformer_blocks.0.attn.norm_q"; "" for the compiled module itself or where
+    Dynamo recorded none). Also right in a frame Dynamo compiled on its own or resumed after
+    a graph break, whose names are relative to that frame, and for any ModuleDict key
+    ('2-1'): see `fusion_pass.report.ModuleNamer`."""
+    namer = _report.module_namer(node.graph)
     stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    raw = list(stack.values())[-1][0]
-    parts = re.findall(r"\['([^']+)'\]|\[(\d+)\]|\.([A-Za-z0-9_]+)", raw)
-    names = [a or b or c for a, b, c in parts]
-    return ".".join(n for n in names if n not in ("self", "__dict__", "_modules"))
+    if not stack:  # code in the traced frame's own method (a placeholder or output is in none)
+        return namer.own or "" if node.op.startswith("call") else ""
+    key, entry = list(stack.items())[-1]
+    source = entry[0] if isinstance(entry, (tuple, list)) and entry else str(entry)
+    return namer.path(str(key), str(source))
 
 
 def module_paths(nodes) -> list[str]:
     """Sorted distinct module paths of `nodes` (what a match covers in the user's model)."""
     return sorted({p for p in map(module_path, nodes) if p})
+
+
+def from_graph_input(node) -> bool:
+    """`node` (through views and casts) is an input of this graph that a previous graph or
+    eager code computed: a placeholder that Dynamo fed from a local of the traced frame (not a
+    parameter, buffer or global), in a frame Dynamo resumed after a graph break or compiled
+    on its own below the compiled module's forward. So whatever produced it (a norm before a
+    rope) sits on the other side of a graph break. False where that is not known (a model
+    input, a graph compiled outside a Dynamo trace)."""
+    while isinstance(node, torch.fx.Node) and (node.target in _VIEWS or node.target == CONVERT):
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
+        return False
+    namer = _report.module_namer(node.graph)
+    desc = node.meta.get("desc")
+    index = getattr(desc, "idx", None)
+    if not isinstance(index, int):  # no AOT input descriptor: its position among the placeholders
+        index = next(i for i, p in enumerate(node.graph.find_nodes(op="placeholder")) if p is node)
+    source = namer.input_source(index)
+    if not source or not namer.resumed:
+        return False
+    base, steps = _report.source_steps(source)
+    return source.startswith("L[") and base is not None and not steps
 
 
 # ------------------------------------------------------------------ proofs every match needs
