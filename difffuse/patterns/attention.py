@@ -25,6 +25,11 @@ Only calls a flash kernel computes exactly are sites; these are left, with the r
   - a scale the graph computes (a SymFloat node: the op takes a constant),
   - a logsumexp read in a shape the op does not give (the efficient kernel pads it to a
     multiple of 32), or other outputs read (rng state, debug mask, cum_seq).
+A call SDPA's dispatcher sent to its math fallback (no fused kernel of the device took its
+inputs: on CUDA an fp32 call with head dim 5; a CPU under `sdpa_kernel(MATH)`) reaches the
+graph decomposed (matmul, softmax, matmul), with no attention op to route: it is still a
+site, found by the nodes Dynamo traced from the SDPA call (`source_fn_stack`), and
+reported with that reason (the `math_fallback` row only explains, it never rewrites).
 The op writes `out` as [B, Lq, H, Dv] memory and `lse` as [B, H, Lq]; where the node's
 outputs had another dense layout, the replacement permutes a copy into it, so every
 consumer (views included) sees the strides it was traced with. A read logsumexp (ring
@@ -42,6 +47,8 @@ from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg
 
 from ..lowering.sites import TensorSpec, known
 from .common import FLOAT_TYPES, Family, Variant, aten, inserted, is_number, val
+
+BMM = aten.bmm.default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,15 +125,21 @@ class AttentionPattern(Family):
                                        *[Ignored() for _ in range(n - 3)])
                 # the check reads every argument from the node itself, kwargs included
                 out.append(Variant(f"{op.name}/{n}args", pattern, {"op": op, "reads_kwargs": names}))
+        # last: a decomposed SDPA call's output matmul, only ever turned away with its reason
+        out.append(Variant("math_fallback", CallFunction(BMM, Ignored(), Ignored()), {"explain": True}))
         return out
 
     def anchor_of(self, match):
-        return next((n for n in match.nodes if n.target in BY_TARGET), None)
+        return next((n for n in match.nodes if n.target in BY_TARGET or n.target == BMM), None)
 
     def anchors(self, graph):
-        return [n for n in graph.nodes if n.op == "call_function" and n.target in BY_TARGET and not inserted(n)]
+        found = [n for n in graph.nodes if n.op == "call_function" and n.target in BY_TARGET and not inserted(n)]
+        return found + [n for n in graph.find_nodes(op="call_function", target=BMM) if math_fallback(n)]
 
     def check(self, match, variant):
+        if variant.info.get("explain"):
+            call = math_fallback(match.output_node())
+            return call.reason() if call else "not the output matmul of a decomposed SDPA call"
         op: AttentionOp = variant.info["op"]
         node = self.anchor_of(match)
         args = op.bind(node)
@@ -223,6 +236,84 @@ def _lse_reason(op: AttentionOp, args: dict, lse, q) -> Optional[str]:
     if not isinstance(lse, torch.Tensor) or len(lse.shape) != len(want) or not all(
             known(a == b) for a, b in zip(lse.shape, want)):
         return f"the graph reads {op.name}'s logsumexp of shape {_shape(lse)}; the op's is {want[:3]}"
+    return None
+
+
+SAFE_SOFTMAX = getattr(aten, "_safe_softmax", None)  # SDPA's math path (torch >= 2.5) only
+# what lies between the math path's matmuls and its q / softmax / v: views, the scale, and
+# the pads and slices of Inductor's pad_mm
+_PLUMBING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+             aten.clone.default, aten.constant_pad_nd.default, aten.slice.Tensor, aten.mul.Scalar}
+
+
+def sdpa_call(node) -> Optional[str]:
+    """The name of the `F.scaled_dot_product_attention` call `node` was traced from, if any
+    (Dynamo's `source_fn_stack`, which AOTAutograd keeps on the nodes it decomposes)."""
+    stack = node.meta.get("source_fn_stack") if isinstance(node, torch.fx.Node) else None
+    if not stack:
+        return None
+    name, fn = stack[-1]
+    return name if getattr(fn, "__name__", fn) == "scaled_dot_product_attention" else None
+
+
+def _back(node):
+    while isinstance(node, torch.fx.Node) and node.target in _PLUMBING:
+        node = node.args[0]
+    return node
+
+
+def _from_math_softmax(probs, out: torch.fx.Node) -> bool:
+    """probs is the softmax of SDPA's math path: `_safe_softmax` decomposed (AOTAutograd's
+    `original_aten`, kept where an Inductor pattern re-traced the call), or a node traced
+    from the same SDPA call as the output matmul."""
+    if not isinstance(probs, torch.fx.Node):
+        return False
+    orig = probs.meta.get("original_aten")
+    if SAFE_SOFTMAX is not None and getattr(orig, "overloadpacket", None) is SAFE_SOFTMAX:
+        return True
+    return sdpa_call(out) is not None and sdpa_call(probs) == sdpa_call(out) and probs.target in (
+        aten.where.self, aten.div.Tensor, aten._softmax.default)
+
+
+@dataclasses.dataclass
+class MathFallback:
+    """An SDPA call the graph holds decomposed: q and v as its matmuls read them (scale,
+    views and pads peeled off)."""
+    q: Optional[torch.fx.Node]
+    v: Optional[torch.fx.Node]
+
+    def reason(self) -> str:
+        q, v = val(self.q), val(self.v)
+        what = ""
+        if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor):
+            what = f" ({str(q.dtype).replace('torch.', '')} q, head dim {q.shape[-1]})"
+        return (f"SDPA dispatched this call to its math fallback{what}: no fused SDPA kernel took it, so the "
+                "graph holds its decomposition (matmul, softmax, matmul) and there is no attention op to route")
+
+
+def math_fallback(node) -> Optional[MathFallback]:
+    """The decomposed SDPA call whose output matmul `node` is (bmm(softmax(q k^T), v) as
+    SDPA's math path spells it), or None."""
+    if not isinstance(node, torch.fx.Node) or node.target != BMM or inserted(node):
+        return None
+    probs = _back(node.args[0])
+    if not _from_math_softmax(probs, node):
+        return None
+    scores = _nearest_bmm(probs)
+    return MathFallback(_back(scores.args[0]) if scores is not None else None, _back(node.args[1]))
+
+
+def _nearest_bmm(node: torch.fx.Node, limit: int = 24) -> Optional[torch.fx.Node]:
+    """The q k^T matmul the softmax reads (the nearest bmm upstream)."""
+    seen, todo = set(), [node]
+    while todo and len(seen) < limit:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.target == BMM:
+            return n
+        todo += n.all_input_nodes
     return None
 
 

@@ -9,14 +9,22 @@ tanh-GELU epilogue, so the wide activation is never written and re-read. That at
 erf-GELU on CPU, so only lowerings that list `linear_gelu` in IMPLS take it; the reference
 op computes tanh-GELU itself. Not matched: erf-GELU, other constants, a pre-activation
 that has other users (it would have to be written anyway).
+
+A tanh-GELU of a Linear's output that no variant spells is still a site (`anchors`), and
+the `explain` row (last in the table, it never rewrites) reports what stands between the
+two: Inductor's pad_mm (on CUDA it may pad the matmul, by benchmark, and the GELU reads a
+slice of it), a one-output Linear Inductor decomposed into sum(x * w) + b (in bf16/fp16
+with casts around it), an mm + bias add, a pre-activation with other users, a GELU not
+spelled as F.gelu decomposes.
 """
 from __future__ import annotations
 
 import itertools
 import math
+from typing import Optional
 
 import torch
-from torch._inductor.pattern_matcher import CallFunction, KeywordArg
+from torch._inductor.pattern_matcher import CallFunction, Ignored, KeywordArg
 
 from .common import CONVERT, Family, Variant, aten, cast, is_number, val
 
@@ -48,12 +56,15 @@ class LinearGeluPattern(Family):
             p = cast(g) if out_cast else g
             name = f"{'view' if viewed else '2d'}/{'cast_h' if h_cast else 'h'}/{'cast_out' if out_cast else 'out'}"
             out.append(Variant(name, p, {"h_cast": h_cast}))
+        out.append(Variant("explain", CallFunction(aten.tanh.default, Ignored()), {"explain": True}))
         return out
 
     def anchor_of(self, match):
         return next((n for n in match.nodes if n.target == aten.tanh.default), None)
 
     def check(self, match, variant):
+        if variant.info.get("explain"):
+            return explain(match.output_node())
         kw = match.kwargs
         for key, want in GELU_CONSTANTS.items():
             got = kw[key]
@@ -76,19 +87,8 @@ class LinearGeluPattern(Family):
     def anchors(self, graph):
         # only a tanh whose input is the GELU polynomial: erf-GELU and plain tanh are not sites
         # (of a Linear's output: GELU of anything else is not this family's site)
-        found = []
-        for n in graph.find_nodes(op="call_function", target=aten.tanh.default):
-            arg = n.args[0]
-            if not (isinstance(arg, torch.fx.Node) and arg.target == aten.mul.Tensor
-                    and isinstance(arg.args[1], float)
-                    and math.isclose(arg.args[1], GELU_CONSTANTS["sqrt_2_over_pi"])):
-                continue
-            h = arg.args[0].args[0] if isinstance(arg.args[0], torch.fx.Node) and arg.args[0].args else None
-            if isinstance(h, torch.fx.Node) and h.target == CONVERT:
-                h = h.args[0]
-            if _is_linear_output(h):
-                found.append(n)
-        return found
+        return [n for n in graph.find_nodes(op="call_function", target=aten.tanh.default)
+                if _is_linear_output(gelu_input(n))]
 
     def replace(self, match, variant, site, ctx):
         op, out_dtype = ctx.impl(self.name), site["out_dtype"]
@@ -112,24 +112,92 @@ FAMILY = LinearGeluPattern()
 
 
 VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+SLICE = aten.slice.Tensor  # pad_mm: the matmul runs on padded operands, its result is sliced
 
 
-def _is_linear_output(h, depth: int = 3) -> bool:
-    """h is a Linear's output: addmm, or mm (+ a bias add), through views (a non-contiguous
-    3-D input decomposes to view -> mm -> view -> add(bias), which no variant spells), or
-    the `sum(x * w) + b` that Inductor makes of a one-row Linear (a matrix-vector product)."""
+def gelu_input(tanh) -> Optional[torch.fx.Node]:
+    """h of `tanh(sqrt(2/pi) * (h + 0.044715 h^3))` (through a cast), None for another tanh."""
+    arg = tanh.args[0] if tanh.args else None
+    if not (isinstance(arg, torch.fx.Node) and arg.target == aten.mul.Tensor and isinstance(arg.args[1], float)
+            and math.isclose(arg.args[1], GELU_CONSTANTS["sqrt_2_over_pi"])):
+        return None
+    inner = arg.args[0]
+    h = inner.args[0] if isinstance(inner, torch.fx.Node) and inner.target == aten.add.Tensor else None
+    return h.args[0] if isinstance(h, torch.fx.Node) and h.target == CONVERT else h
+
+
+def linear_chain(h, depth: int = 6) -> list:
+    """The nodes from h back to a Linear's matmul (addmm, mm, or the `sum(x * w) + b` Inductor
+    makes of a one-output Linear), through views, casts, pad_mm's slices and a bias add
+    (either order); [] if h is not a Linear's output."""
+    chain = []
     while isinstance(h, torch.fx.Node) and depth:
+        chain.append(h)
         if h.target in (aten.addmm.default, aten.mm.default) or _is_decomposed_mv(h):
-            return True
-        if h.target in VIEWS:
+            return chain
+        if h.target in VIEWS or h.target in (CONVERT, SLICE):
             h = h.args[0]
         elif h.target == aten.add.Tensor and len(h.args) == 2:  # the bias add, either order
             h = next((a for a in h.args if isinstance(a, torch.fx.Node)
-                      and a.target in (aten.mm.default, *VIEWS)), h.args[0])
+                      and a.target in (aten.mm.default, SLICE, *VIEWS)), h.args[0])
         else:
-            return False
+            return []
         depth -= 1
-    return False
+    return []
+
+
+def _is_linear_output(h) -> bool:
+    """h is a Linear's output (see `linear_chain`)."""
+    return bool(linear_chain(h))
+
+
+def explain(tanh) -> str:
+    """Why a Linear + tanh-GELU site was not matched: what stands between the Linear and the
+    GELU, or how the GELU is spelled (for a tanh that is no site: says so)."""
+    h = gelu_input(tanh)
+    chain = linear_chain(h)
+    if not chain:
+        return "not a tanh-GELU of a Linear's output"
+    mm, ops = chain[-1], [n.target for n in chain]
+    if SLICE in ops:
+        padded = any(getattr(a, "target", None) == aten.constant_pad_nd.default for a in mm.args)
+        return ("the GELU reads a slice of the Linear's matmul, which no variant spells"
+                + (": its operands are padded (Inductor's pad_mm pads a CUDA matmul to aligned sizes where "
+                   "its benchmark finds that faster)" if padded else ""))
+    if mm.target not in (aten.addmm.default, aten.mm.default):
+        return ("Inductor decomposed this one-output Linear into sum(x * w) + b (a matrix-vector product): "
+                "there is no matmul to give a GELU epilogue")
+    if mm.target == aten.mm.default:
+        bias = any(n.target == aten.add.Tensor for n in chain)
+        return ("the Linear is an mm and a separate bias add (Inductor split the addmm), not one addmm"
+                if bias else "a Linear without bias (mm, no addmm): the fused op takes a bias")
+    read = tanh.args[0].args[0].args[0]  # what the GELU polynomial reads: h, or h cast
+    gelu = _gelu_nodes(tanh, read)
+    if any(u not in gelu for u in read.users) or (read is not chain[0] and len(chain[0].users) > 1):
+        return "the Linear's output has other users besides the GELU: it is written anyway"
+    steps = [n for n in chain[1:-1] if n.target not in VIEWS]
+    if steps:
+        return f"{', '.join(_op(n) for n in steps)} between the Linear and the GELU, which no variant spells"
+    return ("the tanh-GELU is not spelled as F.gelu(approximate='tanh') decomposes "
+            "(0.5 * h * (1 + tanh(sqrt(2/pi) * (h + 0.044715 * h * h * h)))): written out in another order")
+
+
+def _gelu_nodes(tanh, read, limit: int = 24) -> set:
+    """The nodes of the GELU that reads `read`: upstream of its output (what reads
+    `tanh + 1`), downstream of `read`."""
+    outs = [o for a in tanh.users if a.target == aten.add.Tensor for o in a.users if o.target == aten.mul.Tensor]
+    found, todo = set(), list(outs)
+    while todo and len(found) < limit:
+        n = todo.pop()
+        if n in found or n is read or not isinstance(n, torch.fx.Node):
+            continue
+        found.add(n)
+        todo += n.all_input_nodes
+    return found
+
+
+def _op(node) -> str:
+    return str(getattr(node.target, "__name__", node.target))
 
 
 def _is_decomposed_mv(h) -> bool:
