@@ -264,8 +264,22 @@ def find_ropes(graph: torch.fx.Graph) -> list[Found]:
     is not per rope (candidates that overlap a recognised rope, e.g. a table followed as if
     it were the input, are dropped). The tracking runs on real (small) index tensors,
     outside any fake mode the compiler has active."""
-    with unset_fake_temporarily():
-        return _find(graph)
+    key = (len(graph.nodes), hash(tuple(map(id, graph.nodes))))
+    if _LAST[0] is graph and _LAST[1] == key:  # the same graph, unchanged (the anchors of two families)
+        return list(_LAST[2])
+    threads = torch.get_num_threads()
+    try:
+        # the index tensors are tiny: one thread (a busy machine's thread pool costs more than the work)
+        torch.set_num_threads(1)
+        with unset_fake_temporarily():
+            found = _find(graph)
+    finally:
+        torch.set_num_threads(threads)
+    _LAST[:] = [graph, key, found]
+    return list(found)
+
+
+_LAST: list = [None, None, None]
 
 
 def _find(graph):

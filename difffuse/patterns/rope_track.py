@@ -42,6 +42,7 @@ from .common import CONVERT, FLOAT_TYPES, aten, is_number, narrows, val
 prims = torch.ops.prims
 
 
+MAX_WALK = 256  # nodes looked at to prove a table independent of the rope input (tables come before it)
 MAX_TERMS = 8  # a rope element has two terms (four in a complex product before it folds)
 
 
@@ -147,6 +148,7 @@ class Tracker:
         self.nl = rv.ndim - 1
         self.values: dict = {root: root_lin(int(rv.shape[-1]), rv.dtype)}
         self.tables: list[Table] = []
+        self._depends: dict = {}  # node -> computed from the root (memo)
 
     # ------------------------------------------------------------------ helpers
     def _trailing(self, node) -> tuple:
@@ -171,17 +173,24 @@ class Tracker:
         """node's value is computed from the root (walk back to nodes before the root)."""
         if not isinstance(node, torch.fx.Node):
             return False
+        known = self._depends
+        if node in known:
+            return known[node]
         start = self._order[self.root]
-        stack, seen = [node], set()
+        stack, seen, hit = [node], set(), False
         while stack:
             n = stack.pop()
-            if n is self.root:
-                return True
-            if n in seen or self._order.get(n, -1) < start:
+            if n is self.root or known.get(n) or len(seen) > MAX_WALK:
+                hit = True  # (past MAX_WALK: not proven independent, so not taken for a table)
+                break
+            if n in seen or n in known or self._order.get(n, -1) < start:
                 continue
             seen.add(n)
             stack.extend(n.all_input_nodes)
-        return False
+        if not hit:
+            known.update(dict.fromkeys(seen, False))
+        known[node] = hit
+        return hit
 
     # ------------------------------------------------------------------ tables
     def table(self, node, nchan: int, cplx: bool) -> tuple[int, torch.Tensor]:
