@@ -23,7 +23,7 @@ import torch
 
 from difffuse.testing import fuzz
 from difffuse.testing.fuzz.case import Case, Expect
-from difffuse.testing.fuzz.runner import error, families
+from difffuse.testing.fuzz.runner import _classify, error, families
 
 SEED = int(os.environ.get("DIFFFUSE_FUZZ_SEED", "20"))
 CASES = int(os.environ.get("DIFFFUSE_FUZZ_CASES", "500"))  # ~5 min on 2 cores (4m55s measured)
@@ -76,6 +76,27 @@ def test_generation_is_seeded():
     assert one.source() == fuzz.make_case("rms_norm", 3, 7, one.params).source()
 
 
+def test_rope_generators_draw_every_spelling_and_near_miss():
+    """Generation only (no compile): over 300 cases each, the rope family and qk_norm_rope
+    draw every rope spelling, near-miss and free case of gen_rope, and the modulation
+    generators their addcmul / factor-first / scale-only spellings."""
+    from difffuse.testing.fuzz import gen_rope
+
+    for fam in ("rope", "qk_norm_rope"):
+        names = [fuzz.make_case(fam, SEED, i).name for i in range(300)]
+        forms = {n.split("/")[1] for n in names}
+        whats = {n.split(":")[1].split("/")[0] for n in names}
+        assert set(gen_rope.SPELLINGS) <= forms, (fam, set(gen_rope.SPELLINGS) - forms)
+        assert set(gen_rope.NEAR + gen_rope.FREE) <= whats, (fam, set(gen_rope.NEAR + gen_rope.FREE) - whats)
+    src = "".join(fuzz.make_case(f, SEED, i).source() for f in ("scale_shift", "norm_scale_shift") for i in range(200))
+    for spelling in ("torch.addcmul(", ", value=2)", " + c[1]) * n + c[0]", "out = n * (1 + c[1])\n"):
+        assert spelling in src, spelling
+    rope = [fuzz.make_case("rope", SEED, i).source() for i in range(300)]
+    for spelling in ("torch._dynamo.graph_break()", "F.embedding(pos,", "torch.float64", ".addcmul_(",
+                     "(f * x_).sum(dim=-1)", "torch.empty_like("):
+        assert any(spelling in s for s in rope), spelling
+
+
 def _case(body: list, kind: str, expect: dict, family: str = "rms_norm") -> Case:
     return Case(family, kind, "hand-made", ["self.w = nn.Parameter(torch.randn(16))"], body,
                 [("x", "torch.randn(2, 5, 16)")], expect)
@@ -89,6 +110,11 @@ def test_runner_flags_a_false_match_and_an_unreported_site():
     assert "false" in as_near.flags and as_near.err <= 1, as_near
     silent = fuzz.run_case(_case(["return x * 2"], "site", {"rms_norm": Expect(1, 1, 1)}))
     assert "incons" in silent.flags and "matched" not in silent.flags, silent
+    # a miss reported for a family the case holds nothing of is a report inconsistency
+    spurious = fuzz.Result(_case(["return x * 2"], "site", {"rope": Expect(absent=True)}), "reference", True,
+                           misses=[("rope", "a rope seen in a modulation")])
+    _classify(spurious, lambda: 0.0)
+    assert "incons" in spurious.flags, spurious.flags
     ok = fuzz.run_case(_case(RMS, "site", {"rms_norm": Expect(1, 1, 1)}))
     assert ok.failed() == [] and "matched" in ok.flags, ok
 
