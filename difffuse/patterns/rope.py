@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .common import CONVERT, aten, inserted, val
 from .rope_track import COMBINES, PAIR_SPLITS, TRACKED, Lin, Table, Tracker, Untrackable
@@ -189,7 +190,7 @@ def _rope_like(tr: Tracker, cone) -> Optional[torch.fx.Node]:
 
 def _pairs_view(n) -> bool:
     v = val(n)
-    return isinstance(v, torch.Tensor) and v.ndim >= 2 and (v.shape[-1] == 2 or v.shape[-2] == 2)
+    return isinstance(v, torch.Tensor) and v.ndim >= 2 and any(isinstance(s, int) and s == 2 for s in v.shape[-2:])
 
 
 def _mixes(tr: Tracker) -> bool:
@@ -328,9 +329,9 @@ def _conclude(tr: Tracker, cone, failures, anchor) -> Found:
             continue
         got = _spec(tr, n, lin, d)
         if isinstance(got, RopeSpec):
-            if best is None or (tuple(val(n).shape) == shape and tuple(val(best[0]).shape) != shape):
+            if best is None or (_same_shape(val(n).shape, shape) and not _same_shape(val(best[0]).shape, shape)):
                 best = (n, got)
-            if tuple(val(n).shape) == shape:
+            if _same_shape(val(n).shape, shape):
                 break
             continue
         if why is None:
@@ -348,6 +349,10 @@ def _conclude(tr: Tracker, cone, failures, anchor) -> Found:
     out, spec = best
     nodes = _ancestors(out, tr)
     return Found(tr.root, out, nodes, anchor, spec=spec)
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 def _numel(shape) -> int:

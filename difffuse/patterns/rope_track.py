@@ -35,7 +35,7 @@ import operator
 from typing import Optional
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from .common import CONVERT, FLOAT_TYPES, aten, is_number, narrows, val
 
@@ -105,11 +105,11 @@ def _eq(a, b) -> bool:
 
 
 def _ints(shape) -> Optional[tuple]:
-    """The shape as Python ints, or None if a size is symbolic."""
-    try:
-        return tuple(int(s) for s in shape)
-    except Exception:  # noqa: BLE001  (a symbolic size)
+    """The shape as Python ints, or None if a size is symbolic (never `int()` of a symbol:
+    that would add a guard and specialise the compiled graph to this size)."""
+    if not all(isinstance(s, int) or is_concrete_int(s) for s in shape):
         return None
+    return tuple(int(s) for s in shape)
 
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
