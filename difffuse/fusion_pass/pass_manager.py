@@ -177,4 +177,5 @@ class DifffusePass(CustomGraphPass):
             default = ("no pattern variant matched this spelling" if family in module.IMPLS
                        else f"the {name} lowering has no {family} kernel: left to Inductor")
             for node in families[family].anchors(graph):
-                rec.misses.append(Miss(family, ctx.rejected.get(node, default), source_of(node), module_path(node)))
+                reason = ctx.rejected.get(node) or node.meta.get("difffuse_miss_reason") or default
+                rec.misses.append(Miss(family, reason, source_of(node), module_path(node)))

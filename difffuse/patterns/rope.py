@@ -39,7 +39,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .common import CONVERT, aten, inserted, val
-from .rope_track import COMBINES, PAIR_SPLITS, TRACKED, Lin, Table, Tracker, Untrackable
+from .rope_track import COMBINES, PAIR_SPLITS, TRACKED, Lin, Table, Tracker, Untrackable, _identity_slice
 
 MAX_CONE = 160  # nodes followed from one root: a rope is a few dozen
 
@@ -154,7 +154,7 @@ def _roots(split) -> list:
             path.append(n)
         elif d is not None:
             break
-        if n.target not in _PASS:
+        if n.target not in _PASS and not (n.target == aten.slice.Tensor and _identity_slice(n)):
             break
         n = n.args[0]
     return list(reversed(path))
@@ -226,8 +226,11 @@ def _try(root, order) -> Optional[Found]:
         return None
     f = _conclude(tr, cone, failures, anchor)
     f.cone, f.mixes = set(cone), _mixes(tr)
-    if f.spec is None and not f.mixes and not failures:
-        return None  # every op tracked and no channel met another: a product with a table, not a rope
+    # a rope the tracking could not finish still joined two values computed from its input
+    # where it stopped; without that (`1 + scale` of a modulation chunk) it is no rope
+    joined = any(sum(a in tr.values for a in n.all_input_nodes) >= 2 for n in failures)
+    if f.spec is None and not f.mixes and not joined:
+        return None
     return f
 
 
@@ -235,30 +238,60 @@ _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def casts_before_views(graph: torch.fx.Graph) -> int:
-    """Rewrite `convert(reshape(view_as_real(c)))` as `reshape(convert(view_as_real(c)))`
-    where the reshape has no other reader: a cast commutes with a reshape exactly. A complex
-    rope that ends with a reshape over the head dims and then the cast to the model's dtype
-    (DiffSynth: `view_as_real(..).flatten(2).to(x.dtype)`) then has its rounding inside the
-    part the recogniser follows. (Only there: other families' patterns spell their casts
-    after the views.)"""
-    done = 0
-    for c in list(graph.find_nodes(op="call_function", target=CONVERT)):
+    """Move a cast up through reshapes, unsqueezes and joins to the view_as_real of a complex
+    rope: `convert(reshape(x))` -> `reshape(convert(x))`, `convert(cat([a, b]))` ->
+    `cat([convert(a), convert(b)])`, where the moved node has no other reader: a cast
+    commutes with both exactly. A complex rope whose result is rounded back only after a
+    reshape over the head dims (DiffSynth: `view_as_real(..).flatten(2).to(x.dtype)`) or
+    after being joined with the tokens it does not rope and stacked (official Wan:
+    `torch.stack([cat([rope(x[i, :n]), x[i, n:]]) ...]).float()`) then has its rounding
+    inside the part the recogniser follows. (Only there: other families' patterns spell
+    their casts after the views.)"""
+    done, todo = 0, list(graph.find_nodes(op="call_function", target=CONVERT))
+    while todo:
+        c = todo.pop()
         v = c.args[0]
-        if not (isinstance(v, torch.fx.Node) and v.target in _RESHAPES and len(v.users) == 1
-                and isinstance(v.args[0], torch.fx.Node) and v.args[0].target == aten.view_as_real.default):
+        if c._erased or not (isinstance(v, torch.fx.Node) and v.target in _MOVES and len(v.users) == 1
+                             and _behind_view_as_real(v)):
             continue
+        dtype = c.args[1]
         with graph.inserting_before(c):
-            cast = graph.call_function(CONVERT, (v.args[0], c.args[1]), dict(c.kwargs))
-            cast.meta.update(c.meta)
-            cast.meta["val"] = val(v.args[0]).to(c.args[1])
-            view = graph.call_function(v.target, (cast, *v.args[1:]), dict(v.kwargs))
-            view.meta.update(v.meta)
-            view.meta["val"] = val(c)
-        c.replace_all_uses_with(view)
+            if v.target == aten.cat.default:  # a cast of a join is the join of the casts
+                parts = []
+                for p in v.args[0]:
+                    cast = graph.call_function(CONVERT, (p, dtype), dict(c.kwargs))
+                    cast.meta.update(c.meta)
+                    cast.meta["val"] = val(p).to(dtype)
+                    parts.append(cast)
+                new = graph.call_function(v.target, (parts, *v.args[1:]), dict(v.kwargs))
+            else:
+                cast = graph.call_function(CONVERT, (v.args[0], dtype), dict(c.kwargs))
+                cast.meta.update(c.meta)
+                cast.meta["val"] = val(v.args[0]).to(dtype)
+                parts = [cast]
+                new = graph.call_function(v.target, (cast, *v.args[1:]), dict(v.kwargs))
+            new.meta.update(v.meta)
+            new.meta["val"] = val(c)
+        c.replace_all_uses_with(new)
         graph.erase_node(c)
         graph.erase_node(v)
+        todo += parts  # keep moving each cast up
         done += 1
     return done
+
+
+_MOVES = (*_RESHAPES, aten.unsqueeze.default, aten.cat.default, aten.clone.default)
+
+
+def _behind_view_as_real(n, depth: int = 6) -> bool:
+    """n is a complex rope's result: view_as_real, through reshapes, unsqueezes and joins."""
+    if not isinstance(n, torch.fx.Node) or depth == 0:
+        return False
+    if n.target == aten.view_as_real.default:
+        return True
+    if n.target == aten.cat.default:
+        return any(_behind_view_as_real(p, depth - 1) for p in n.args[0])
+    return n.target in _MOVES and _behind_view_as_real(n.args[0], depth - 1)
 
 
 def find_ropes(graph: torch.fx.Graph) -> list[Found]:

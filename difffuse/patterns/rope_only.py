@@ -54,7 +54,11 @@ class RopePattern(Family):
 
     def why(self, f: Found) -> str:
         """What stands in front of the rope, for its reasons."""
-        if graph_input_behind(f.root):
+        r = f.root
+        if r.target == CONVERT and QK._is_norm(r.args[0]):
+            return (f"the norm's output is rounded to {r.args[1]} before the rope, a rounding the fused "
+                    "norm + rope op would not make")
+        if graph_input_behind(r):
             return ("its input enters this graph as an input: the norm, if there is one, ran in an earlier "
                     "graph (a graph break between the norm and the rope)")
         return f"its input is computed by {getattr(f.root.target, '__name__', f.root.target)}, not a norm"
@@ -101,6 +105,6 @@ def _broadcasts(t, shape) -> bool:
 
 from .common import CONVERT, VIEW_OPS  # noqa: E402
 
-_THROUGH = (*VIEW_OPS, CONVERT, torch.ops.aten.clone.default)
+_THROUGH = (*VIEW_OPS, CONVERT, torch.ops.aten.clone.default, torch.ops.aten.slice.Tensor, torch.ops.aten.select.int)
 
 FAMILY = RopePattern()

@@ -7,7 +7,7 @@ import logging
 
 from torch._inductor.pattern_matcher import Match, MatchContext
 
-from .common import dependency_reason, module_paths, zero_size_reason
+from .common import dependency_reason, inserted, module_paths, zero_size_reason
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .rope import Found, casts_before_views, find_ropes
@@ -55,7 +55,19 @@ def left_by(graph, family: str) -> list:
 def anchors(family, graph) -> list:
     """The ropes `family` left when its pass ran, and those it takes still in the graph."""
     left = [a for a in left_by(graph, family.name) if not a._erased]
-    return left + [f.anchor for f in find_ropes(graph) if family.takes(f) and f.anchor not in left]
+    found = []
+    for f in find_ropes(graph):
+        if not family.takes(f) or f.anchor in left or any(inserted(u) for u in f.root.users):
+            continue  # (the last: what a fused rope left for another reader)
+        # a rope first seen now (another family's rewrite exposed it): its own reason
+        f.anchor.meta[MISS_REASON] = family.explain(f, f.reason or (
+            "a rope whose value is also read where the fused op's output is not (a graph output, "
+            "another dtype): it stays for that reader"))
+        found.append(f.anchor)
+    return left + found
+
+
+MISS_REASON = "difffuse_miss_reason"
 
 
 class RopePass:
