@@ -251,21 +251,24 @@ def wild(name: str, n: int) -> dict:
     - `wan-official`, n >= 1: block frame up to the self-attention (norm1 -> modulation: 1
       norm_scale_shift, no residual: the residual is the frame's input); q / k / v and their
       norms (2 rms_norm); `rope_apply` after `grid_sizes.tolist()`, compiled once and reused
-      for q and k: its complex128 rope fused on its own (1 qk_norm_rope); the attention and
+      for q and k: its complex128 rope fused on its own (1 rope: no norm in this graph); the attention and
       `o` (1 attention); the rest of the block (norm3 and norm2 -> 2 norm_scale_shift, the
       cross-attention's q / k norms 2 rms_norm, its attention, the FFN's linear_gelu, the
       FFN gated residual returned by the frame: 1 scale_shift); the head (1 norm_scale_shift);
       the text embedding runs in the eager loop frame (no linear_gelu for it).
     - `plain-graph-break`, n = 1: block frame up to the attention (1 norm_scale_shift), q /
       k / v and norms up to the overflow check's `.item()` (2 rms_norm), the rope of q and k
-      fused on its own with the attention and `to_out` (2 qk_norm_rope, 1 attention), the
+      fused on its own with the attention and `to_out` (2 rope: the norm is in the frame before the break; 1 attention), the
       rest of the block (2 norm_scale_shift, 2 rms_norm, 1 attention, 1 linear_gelu, 1
       scale_shift), the final `modulate()` of an eager norm compiled as its own frame (1
       scale_shift). Each further block recompiles the frame resumed after `.item()` only
-      (+2 qk_norm_rope, +1 attention per block).
+      (+2 rope, +1 attention per block).
     """
     if name in WAN_CODE_BASES:
         return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n + 1,
+                "attention": 2 * n}
+    if name == "kandinsky5-bf16":  # q/k norms rounded to bf16 before the rope: norm and rope fuse apart
+        return {"rope": 2 * n, "rms_norm": 4 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
                 "attention": 2 * n}
     if name in PLAIN_BLOCKS:
         return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
@@ -274,12 +277,13 @@ def wild(name: str, n: int) -> dict:
         return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
                 "attention": 2 * n}
     if name == "allegro-axes":
-        return {"qk_norm_rope": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n, "attention": 2 * n}
+        # one rope per axis (rotate_half within each third of head_dim) for q and k, no norm in front
+        return {"rope": 6 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n, "attention": 2 * n}
     if name == "wan-official":
-        return {"qk_norm_rope": 1, "rms_norm": 4, "norm_scale_shift": 4, "scale_shift": 1, "linear_gelu": 1,
+        return {"rope": 1, "rms_norm": 4, "norm_scale_shift": 4, "scale_shift": 1, "linear_gelu": 1,
                 "attention": 2}
     if name == "plain-graph-break":
-        return {"qk_norm_rope": 2 * n, "rms_norm": 4, "norm_scale_shift": 3, "scale_shift": 2, "linear_gelu": 1,
+        return {"rope": 2 * n, "rms_norm": 4, "norm_scale_shift": 3, "scale_shift": 2, "linear_gelu": 1,
                 "attention": n + 1}
     raise KeyError(name)
 
