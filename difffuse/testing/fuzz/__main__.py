@@ -1,5 +1,6 @@
 """`python -m difffuse.testing.fuzz --seed N --cases M [--lowering reference|cuda] [--family F]`:
 run the fuzzer, print progress, the counts table and each failure's shrunk reproduction.
+`--family F --case I` reruns one case (a failure's one-line reproduction).
 Exit status 1 if any case failed."""
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", choices=("lazy", "always"), default="lazy",
                    help="compile plain Inductor only where it decides an outcome, or for every case")
     p.add_argument("--shrink", type=int, default=8, help="shrink at most this many failures")
+    p.add_argument("--case", type=int, action="append",
+                   help="repeatable: run only case INDEX of the one --family (as numbered in the progress lines), "
+                        "with each lowering, and print its (shrunk) reproduction if it fails")
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     lowerings = {"reference": ("reference",), "cuda": ("cuda",), "both": ("reference", "cuda")}[a.lowering]
@@ -35,6 +39,26 @@ def main(argv=None) -> int:
               f"{res.counts} {res.case.name}" + (f" misses: {res.misses}" if res.misses else ""),
               file=sys.stderr, flush=True)
 
+    if a.case:
+        if not a.family or len(a.family) != 1:
+            p.error("--case needs exactly one --family")
+        import time
+
+        from .runner import Summary, make_case, run_case, setup, shrink
+        setup()
+        summary, start = Summary(), time.time()
+        for i in a.case:
+            case = make_case(a.family[0], a.seed, i)
+            for low in lowerings:
+                ind = {"on": True, "off": False}.get(a.inductor, case.index % 2 == 0)
+                res = run_case(case, low, ind, a.baseline)
+                summary.add(res)
+                progress(res)
+                if res.failed():
+                    summary.failures.append(shrink(res) if a.shrink else res)
+        summary.seconds = time.time() - start
+        print(summary.report())
+        return 1 if summary.failures or summary.invalid else 0
     summary = run(a.seed, a.cases, a.family, lowerings, a.cuda_every, a.inductor, a.baseline, a.shrink, progress)
     print(summary.report())
     return 1 if any(summary.total(k) for k in FAILURES) or summary.invalid else 0
