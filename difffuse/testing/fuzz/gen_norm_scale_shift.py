@@ -223,7 +223,9 @@ def draw(d: Draw) -> Case:
             inner = 1  # r rounded, then upcast for the norm: the "roundtrip" form, exact
         expect = {FAMILY: near(inner)}
     elif kind == "free" or mid_round:
-        kind, expect = "free", {FAMILY: Expect(want=0, allow=1, report=1)}
+        # (a scale-only `n * add(s, k, alpha=3)` is no anchored form: nothing owed)
+        owed = 0 if spell == "scale_only" and what == "alpha_k" else 1
+        kind, expect = "free", {FAMILY: Expect(want=0, allow=1, report=owed)}
     if norm in ("rms_native", "F_rms") and kind != "near":
         # an RMSNorm is rms_norm's anchor: fused as rms_norm (+ scale_shift for the modulation)
         # nothing is left unfused

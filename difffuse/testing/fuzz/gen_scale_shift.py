@@ -180,6 +180,8 @@ def draw(d: Draw) -> Case:
     elif kind == "free":
         # a modulation / gate the anchors can see must be reported if left unfused
         owed = what == "alpha_k" or what == "per_row" and form == "adaln"  # what the anchors see
+        if form == "adaln" and spell == "scale_only":
+            owed = False  # a scale-only product is anchored only as `x * (s + k)` with s a modulation
         expect = {FAMILY: Expect(want=0, allow=1, report=int(owed))}
     if 0 in shape:
         kind, expect = "free", {FAMILY: Expect(want=0, allow=1, report=0)}
