@@ -115,6 +115,11 @@ def test_runner_flags_a_false_match_and_an_unreported_site():
                            misses=[("rope", "a rope seen in a modulation")])
     _classify(spurious, lambda: 0.0)
     assert "incons" in spurious.flags, spurious.flags
+    # ... and so is a miss with the report's default reason where the family gives its own
+    vague = fuzz.Result(_case(["return x * 2"], "near", {"rope": Expect(precise=True)}), "reference", True,
+                        misses=[("rope", "no pattern variant matched this spelling")])
+    _classify(vague, lambda: 0.0)
+    assert "incons" in vague.flags, vague.flags
     ok = fuzz.run_case(_case(RMS, "site", {"rms_norm": Expect(1, 1, 1)}))
     assert ok.failed() == [] and "matched" in ok.flags, ok
 

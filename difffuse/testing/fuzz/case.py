@@ -34,6 +34,12 @@ class Expect:
     # the case holds nothing of this family (no rope in a modulation case): a miss reported
     # for it is a spurious one, a report inconsistency
     absent: bool = False
+    # this family's misses must give their reason: "no pattern variant matched this spelling"
+    # (the report's default for an anchor no check explained) is a report inconsistency
+    precise: bool = False
+
+
+VAGUE = "no pattern variant matched"
 
 
 def absent() -> Expect:

@@ -217,6 +217,8 @@ def draw(d: Draw) -> Case:
             f"/{dtype}/B{b} L{l} H{heads} D{hd}/{layout}/{'qk' if both else 'q'}")
     if what == "mid_cast":
         tol = loosest(tol, "bfloat16")
+    for e in expect.values():  # the recogniser names what stopped each rope it saw
+        e.precise = True
     case = Case(FAMILY, kind, name, init, body, args, expect, tol)
     # an integer cast after a site turns a last-bit difference into a unit (case.py)
     case.outliers = 0.05 if what == "int_between" else 0.0

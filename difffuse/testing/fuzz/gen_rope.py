@@ -369,4 +369,6 @@ def draw(d: Draw) -> Case:
         expect = {FAMILY: Expect(want=0, allow=n * ropes_per, report=0), "qk_norm_rope": near()}
     name = (f"{kind}:{what}/{form}/{src}/tables={tkind},{tdt},{tshape}{',heads_first' if heads_first else ''}"
             f"/casts={casts},{back}/{dtype}/B{b} L{l} H{heads} D{hd}/{layout}/{'qk' if both else 'q'}")
+    for e in expect.values():  # the recogniser names what stopped each rope it saw
+        e.precise = True
     return Case(FAMILY, kind, name, init, body, args, expect, tol, helpers=helpers)

@@ -12,7 +12,8 @@ Outcomes per case and lowering (the columns of `Summary.table`):
              "internal error" miss, or a "check failed" warning where another variant then
              took the site): an exception is never how a site is turned away
   incons     a site left unfused (fewer than `want`/`report` matches) that is not a reported miss,
-             or a miss reported for a family the case holds nothing of (`Expect.absent`)
+             or a miss reported for a family the case holds nothing of (`Expect.absent`), or a
+             miss whose reason is the report's default "no pattern variant matched" (`Expect.precise`)
 Plain Inductor is compiled lazily, only when it decides an outcome (a tolerance violation,
 a crash): it is the noise floor, and compiling it for every case would cost most of the
 budget. `baseline="always"` compiles it for every case and also records its error.
@@ -36,7 +37,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils._pytree import tree_leaves
 
-from .case import Case, Draw
+from .case import VAGUE, Case, Draw
 
 TOL = {  # dtype -> (rtol, atol): conftest's table
     "float64": (1e-5, 1e-5),
@@ -228,6 +229,8 @@ def _classify(res: Result, inductor_err: Callable[[], float]) -> None:
                            f"misses: {res.misses}")
         if exp.absent and reported:
             f["incons"] = f"{fam}: {reported} miss(es) reported where the case has none of it: {res.misses}"
+        if exp.precise and any(fm == fam and r.startswith(VAGUE) for fm, r in res.misses):
+            f["incons"] = f"{fam}: a miss with no reason ({VAGUE!r}): {res.misses}"
 
 
 # ------------------------------------------------------------------ generation
