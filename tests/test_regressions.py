@@ -114,7 +114,9 @@ def test_sub_with_alpha_in_a_layernorm():
 
 
 def test_sub_with_alpha_in_wans_rope():
-    """`torch.sub(x1 * cos, x2 * sin, alpha=2)` in Wan's rope is not a rotation."""
+    """`torch.sub(x1 * cos, x2 * sin, alpha=2)` in Wan's rope: not a rotation, but every
+    channel still reads its pair times table entries; the rope recogniser reads alpha as
+    the factor 2 on sin, so it fuses exactly (run() compares with eager) or is reported."""
     def fn(m, q, cos, sin):
         n = F.rms_norm(q, (D,), m.w, 1e-6).unflatten(2, (2, -1))
         x1, x2 = n.unflatten(-1, (-1, 2)).unbind(-1)
@@ -124,7 +126,7 @@ def test_sub_with_alpha_in_wans_rope():
         out[..., 1::2] = x1 * s + x2 * c
         return out
     rep = run(fn, torch.randn(B, L, D), torch.randn(L, D // 2), torch.randn(L, D // 2))
-    not_fused(rep, "qk_norm_rope")
+    fused_or_reported(rep, "qk_norm_rope")
 
 
 # ------------------------------------------------------------------ 2. casts dropped

@@ -35,7 +35,7 @@ import operator
 from typing import Optional
 
 import torch
-from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_int, is_concrete_int, statically_known_true
 
 from .common import CONVERT, FLOAT_TYPES, aten, is_number, narrows, val
 
@@ -229,6 +229,11 @@ class Tracker:
         # try each split of the base into position and channel dims
         for bpos in range(bv.ndim, -1, -1):
             block = _ints(bv.shape[bpos:])
+            if block is None and bpos == bv.ndim - 1:
+                # a table width Dynamo made symbolic (dynamic=True): it is the head dim's,
+                # fixed by the weights, so specialising it costs no recompile (position dims
+                # are never specialised)
+                block = (guard_int(bv.shape[-1]),)
             if block is None:
                 break
             size = 1
@@ -239,9 +244,11 @@ class Tracker:
                 arr, is_c = self._index_table(arr, bcplx, bpos, ops)
             except Untrackable:
                 continue
-            if is_c != cplx or tuple(arr.shape[:arr.ndim - (1 if is_c else 0)]) != tuple(
-                    _ints(nv.shape[npos:]) or ()):
+            want = _ints(nv.shape[npos:])
+            got = tuple(arr.shape[:arr.ndim - (1 if is_c else 0)])
+            if is_c != cplx or want is None or _non1(got) != _non1(want):
                 continue
+            arr = arr.reshape(tuple(want) + ((2,) if is_c else ()))  # (they differ by size-1 dims only)
             a, b = _non1(bv.shape[:bpos]), _non1(pos)
             if len(a) != len(b) or not all(_eq(x, y) for x, y in zip(a, b)):
                 continue  # the position dims must be the base's, up to size-1 dims
@@ -267,10 +274,12 @@ class Tracker:
             if t == aten.view_as_real.default:
                 is_c = False
             elif t in _VIEWS:
-                sh = _ints(v.shape[npos:]) if nd >= npos else None
-                if sh is None or not all(_eq(a, b) for a, b in zip(v.shape[:npos], val(n.args[0]).shape[:npos])):
+                # a reshape of the channel block, or size-1 dims put into / taken out of the
+                # position dims (`cos[None, :, None]`): the position dims keep their sizes
+                npos = _view_split(val(n.args[0]).shape[:npos], v.shape, arr.numel() // (2 if is_c else 1))
+                if npos is None:
                     raise Untrackable("view over position dims")
-                arr = arr.reshape(tuple(sh) + ((2,) if is_c else ()))
+                arr = arr.reshape(tuple(_ints(v.shape[npos:])) + ((2,) if is_c else ()))
             elif t == aten.slice.Tensor:
                 arr = _slice(arr, tdim(n.args[1] if len(n.args) > 1 else 0), *n.args[2:])
             elif t == aten.select.int:
@@ -549,6 +558,24 @@ def _upcast(src, dtype) -> bool:
     sv = val(src)
     return isinstance(sv, torch.Tensor) and sv.dtype in FLOAT_TYPES and dtype in FLOAT_TYPES and (
         sv.dtype == dtype or not narrows(sv.dtype, dtype))
+
+
+def _view_split(pos_in, shape, block: int) -> Optional[int]:
+    """Where a reshape's output splits into position dims (the input's, up to size-1 dims)
+    and a channel block of `block` elements; None if it does not."""
+    for npos in range(len(shape), -1, -1):
+        tail = _ints(shape[npos:])
+        if tail is None:
+            return None
+        size = 1
+        for t in tail:
+            size *= t
+        if size > block:
+            return None
+        a, b = _non1(pos_in), _non1(shape[:npos])
+        if size == block and len(a) == len(b) and all(_eq(x, y) for x, y in zip(a, b)):
+            return npos
+    return None
 
 
 def _identity_slice(node) -> bool:
