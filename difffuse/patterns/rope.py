@@ -228,7 +228,7 @@ def _try(root, order) -> Optional[Found]:
     f.cone, f.mixes = set(cone), _mixes(tr)
     # a rope the tracking could not finish still joined two values computed from its input
     # where it stopped; without that (`1 + scale` of a modulation chunk) it is no rope
-    joined = any(sum(a in tr.values for a in n.all_input_nodes) >= 2 for n in failures)
+    joined = any(sum(isinstance(a, torch.fx.Node) and a in tr.values for a in n.args) >= 2 for n in failures)
     if f.spec is None and not f.mixes and not joined:
         return None
     return f

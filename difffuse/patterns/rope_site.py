@@ -93,6 +93,12 @@ class RopePass:
                 continue
             if not fam.takes(f):
                 continue
+            outside = next((n for n in f.nodes if n is not f.out and any(u not in f.nodes for u in n.users)), None)
+            if outside is not None:  # the rope's input (or a part of its result) is read elsewhere too
+                ctx.rejected.setdefault(f.anchor, fam.explain(f, f"{outside.name}, a value inside the rope, is also "
+                                                                 "read outside it (it would be computed twice)"))
+                left.append(f.anchor)
+                continue
             try:
                 got = fam.site(f)
                 if not isinstance(got, str):
