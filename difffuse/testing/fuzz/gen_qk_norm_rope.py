@@ -204,6 +204,11 @@ def draw(d: Draw) -> Case:
         if what in ("no_norm", "scale_between", "gelu_between", "graph_break"):
             # the rope reads no norm: the rope family's site, fused or reported
             expect["rope"] = Expect(want=0, allow=n_sites, report=n_sites)
+        if what == "scale_between":
+            # `n * 0.5` then a rope is also "x[j]*A_j + x[p(j)]*B_j" of the norm's output with
+            # A_j = 0.5*cos[j]: the recogniser may take it from the norm (exactly: a power of 2)
+            expect[FAMILY] = Expect(want=0, allow=n_sites, report=0)
+            expect["rope"].alt = {FAMILY: n_sites}
         if what in ROPE_NEAR:
             expect["rope"] = near()
         if what in gen_rope.INNER:  # a whole rope inside: may fuse with its norm, exactly
