@@ -86,17 +86,17 @@ def rms_residual(m, h, x, mod):
 VARIANTS = {
     # name: (fn, modulation shape, variant in fp32, variant in bf16/fp16)
     "wan_norm1": (lambda m, h, x, mod: (m.ln(h.float()) * (1 + chunks(m, mod)[1]) + chunks(m, mod)[0]).type_as(h),
-                  None, "none/-/ln/noaffine/mod", "none/-/ln/noaffine/mod/cast"),
-    "wan_norm2": (wan_norm2, None, "gate_xg/direct/ln/wb/nomod", "gate_xg/roundtrip/ln/wb/nomod/cast"),
-    "wan_norm3": (wan_norm3, None, "one/direct/ln/noaffine/mod", "one/cast/ln/noaffine/mod/cast"),
-    "wan_ffn_norm_out": (wan_ffn_norm_out, None, "gate_xg/direct/ln/noaffine/mod",
-                         "gate_xg/roundtrip/ln/noaffine/mod/cast"),
+                  None, "none/-/ln/noaffine/mod", "none/-/ln/noaffine/mod"),
+    "wan_norm2": (wan_norm2, None, "gate/direct/ln/wb/nomod", "gate/roundtrip/ln/wb/nomod"),
+    "wan_norm3": (wan_norm3, None, "one/direct/ln/noaffine/mod", "one/cast/ln/noaffine/mod"),
+    "wan_ffn_norm_out": (wan_ffn_norm_out, None, "gate/direct/ln/noaffine/mod",
+                         "gate/roundtrip/ln/noaffine/mod"),
     "ti2v_norm3_per_token": (lambda m, h, x, mod: wan_norm3(m, h, x, mod, per_token), (B, L, 6, D),
-                             "one/direct/ln/noaffine/mod", "one/cast/ln/noaffine/mod/cast"),
-    "nn_layernorm": (native_ln, None, "one/direct/ln/wb/mod", "one/cast/ln/wb/mod/midcast"),
-    "rms_residual": (rms_residual, None, "one/direct/rms/w/mod", "one/cast/rms/w/mod/midcast"),
+                             "one/direct/ln/noaffine/mod", "one/cast/ln/noaffine/mod"),
+    "nn_layernorm": (native_ln, None, "one/direct/ln/wb/mod", "one/cast/ln/wb/mod"),
+    "rms_residual": (rms_residual, None, "one/direct/rms/w/mod", "one/cast/rms/w/mod"),
     "gate_first": (lambda m, h, x, mod: m.ln_affine(h + mod[:, 2, None] * x), None,
-                   "gate_xg/direct/ln/wb/nomod", "gate_xg/cast/ln/wb/nomod/cast"),
+                   "gate/direct/ln/wb/nomod", "gate/cast/ln/wb/nomod"),
 }
 
 

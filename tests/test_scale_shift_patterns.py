@@ -44,22 +44,22 @@ def per_frame(m, h, x, mod):
 
 VARIANTS = {
     # name: (fn, modulation shape (None: [B, 6, D]), expected variant)
-    "adaln_batch": (lambda m, h, x, mod: x * (1 + mod[:, 1, None]) + mod[:, 0, None], None, "a*(b+k)+c/nocast"),
+    "adaln_batch": (lambda m, h, x, mod: x * (1 + mod[:, 1, None]) + mod[:, 0, None], None, "c+a*(b+k)/nocast"),
     "adaln_shift_first": (lambda m, h, x, mod: mod[:, 0, None] + x * (1 + mod[:, 1, None]), None,
                           "c+a*(b+k)/nocast"),
-    "adaln_channel_k_half": (lambda m, h, x, mod: x * (m.vec + 0.5) + m.vec, None, "a*(b+k)+c/nocast"),
+    "adaln_channel_k_half": (lambda m, h, x, mod: x * (m.vec + 0.5) + m.vec, None, "c+a*(b+k)/nocast"),
     "wan_adaln_chunks": (lambda m, h, x, mod: (x.float() * (1 + chunks(m, mod)[1]) + chunks(m, mod)[0]).type_as(h),
-                         None, "a*(b+k)+c/cast"),
+                         None, "c+a*(b+k)/cast"),
     "wan_ffn_gate": (lambda m, h, x, mod: (h.float() + x.float() * chunks(m, mod)[5]).type_as(h), None, "c+a*b/cast"),
     # bf16 `attn_output * gate_msa(fp32)`: mixed-dtype product, no convert node
     "wan_attn_gate_mixed": (lambda m, h, x, mod: (h.float() + x * chunks(m, mod)[2]).type_as(h), None, "c+a*b/cast"),
     "gate_first": (lambda m, h, x, mod: h + mod[:, 2, None] * x, None, "c+a*b/nocast"),
-    "layerscale_channel": (lambda m, h, x, mod: x * m.vec + h, None, "a*b+c/nocast"),
+    "layerscale_channel": (lambda m, h, x, mod: x * m.vec + h, None, "c+a*b/nocast"),
     "ti2v_gate_per_token": (lambda m, h, x, mod: (h.float() + x.float() * per_token(m, mod)[5]).type_as(h),
                             (B, L, 6, D), "c+a*b/cast"),
     "ti2v_adaln_per_token": (lambda m, h, x, mod: (x * (1 + per_token(m, mod)[1]) + per_token(m, mod)[0]).type_as(h),
-                             (B, L, 6, D), "a*(b+k)+c/cast"),
-    "per_frame": (per_frame, (B, F, 2, D), "a*(b+k)+c/nocast"),  # the cast follows the flatten
+                             (B, L, 6, D), "c+a*(b+k)/cast"),
+    "per_frame": (per_frame, (B, F, 2, D), "c+a*(b+k)/nocast"),  # the cast follows the flatten
 }
 
 

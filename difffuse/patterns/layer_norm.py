@@ -2,7 +2,9 @@
 own): qk_norm_rope takes it as the norm before a rope (CogVideoX's q/k norms).
 
     x ─(convert fp32)?─ var_mean(·, [-1], correction=0, keepdim) ─ (x - mean) * rsqrt(var + eps)
-      ─ (* w)? ─ (+ b)? ─ (convert)?                     (nn.LayerNorm / F.layer_norm, post-grad)
+      ─ (* w)? ─ (b +)? ─ (convert)?                     (nn.LayerNorm / F.layer_norm, post-grad)
+
+(operand order as canonicalize.py writes it: the rsqrt and the weight second, the bias first)
 
 Checks: the reduction is the last dim only, eps a constant read from the match, the
 input cast an exact upcast, weight and bias last-dim vectors that are parameters (a
@@ -24,8 +26,8 @@ def build(upcast: bool, affine: str, out_cast: bool):
     n = layer_norm(cast(x, users=2) if upcast else x)
     if "w" in affine:
         n = CallFunction(aten.mul.Tensor, n, KeywordArg("weight"))
-    if "b" in affine:
-        n = CallFunction(aten.add.Tensor, n, KeywordArg("bias"))
+    if "b" in affine:  # `n * w + b`: canonicalize.py puts the product second
+        n = CallFunction(aten.add.Tensor, KeywordArg("bias"), n)
     return cast(n) if out_cast else n
 
 

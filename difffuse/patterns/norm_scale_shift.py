@@ -3,8 +3,8 @@
     r = res + x*gate | res + x | x                       (gate: tensor, the literal 1, or no residual)
         (─ convert(low) = the model's rounding of r ─)? ─ (convert fp32)?
     n = LN(r): var_mean(r,[-1]) → (r - mean) * rsqrt(var + eps)     |  RMS: r * rsqrt(mean(r²) + eps)
-        (* w)? (+ b)? (─ convert)?
-    out = n * (scale + k) + shift                                     (optional) ─ (convert)?
+        (* w)? (b +)? (─ convert)?
+    out = shift + n * (scale + k)                                     (optional) ─ (convert)?
       ==>  out, r = difffuse::norm_scale_shift(x, res, gate, w, b, scale, shift, eps, k, is_rms,
                                                r.dtype, out.dtype)
 
@@ -16,19 +16,35 @@ and in a full-model compile a block's FFN residual `(h.float() + ff.float()*c_ga
 feeds the next block's norm1 (or norm_out), the gate → LN → modulation form.
 Rounding of r, exactly as the model does it (design §3.4): "direct" (the norm reads r as
 computed: fp32 graphs), "cast" (r in the model's dtype, the norm reads its exact upcast:
-norm3 in bf16) and "roundtrip" (r computed in fp32, rounded by `.type_as(h)`, upcast for
-the norm: norm2 and norm1-after-FFN in bf16); the op returns r in r's dtype and
-normalises that rounded value. A cast between the norm and the modulation (nn.LayerNorm
-in bf16 rounds its output before a bf16 modulation) is absorbed (the op stays in fp32).
-Exact upcasts at the inputs are not passed to the op (it computes in fp32 anyway).
-"mixed" (RMS): diffusers' RMSNorm in bf16 squares `r.float()` but multiplies the bf16 r
-by the fp32 rsqrt (a mixed-dtype product, exact in fp32): LTX's norm1/norm2.
+norm3 in bf16; also diffusers' RMSNorm, which squares `r.float()` and multiplies the bf16
+r by the fp32 rsqrt: canonicalize.py writes that product's upcast down) and "roundtrip"
+(r computed in fp32, rounded by `.type_as(h)`, upcast for the norm: norm2 and
+norm1-after-FFN in bf16); the op returns r in r's dtype and normalises that rounded value.
+A cast between the norm and the modulation (nn.LayerNorm in bf16 rounds its output before
+a bf16 modulation) is absorbed (the op stays in fp32), and so is a cast at the end: both
+are in every pattern, an identity `convert(o, o.dtype)` standing in where the model has
+none. Exact upcasts at the inputs are not passed to the op (it computes in fp32 anyway).
 Both outputs are pattern outputs: `r` is the next residual when other nodes read it.
-Not matched: LN over another dim, eps outside the rsqrt, modulation before the norm (a
-gate of the form `k + scale`), a norm that reads r narrowed or in another dtype than r
-was rounded to, a residual / x that is not full-size, scale/shift/weight that broadcast
-the output past the normalised shape, k a tensor. A plain LN / RMSNorm with neither
-residual nor modulation is not this family.
+
+One spelling per structure: canonicalize.py fixes the operand order (`(1 + scale) * LN(x)
++ shift` of FLUX.2, `x * gate` / `gate * x`, `addcmul(shift, n, 1 + scale)` of ComfyUI are
+the forms above), and around this family's matching it completes (`Completions`, exact
+identities, taken out again where nothing matched):
+  - scale-only `n * (1 + scale)` (Lumina2, Z-Image): shift = -0.0, the op gets shift=None;
+  - shift-only `n + shift`, shift a chunk of a modulation table: scale = -0.0 with k = 1,
+    the op gets scale=None (a [D] parameter added to a norm is its affine bias, not this);
+  - a norm output read by two modulations (SD3.5's AdaLayerNormZeroX): one norm copy per
+    modulation, so each fuses (the op recomputes the norm; the norm's input is read twice
+    instead of its output three times);
+  - the casts: an identity cast after a norm output or modulation the model does not cast.
+k: a number, or a 0-d tensor (a Python float `scale_constant` that Dynamo lifted to a graph
+input under dynamic shapes, its value not guarded): then the op gets the model's own
+`scale + k` computed in the graph as its scale, and k = -0.0 (s + (-0.0) == s exactly).
+Not matched: LN over another dim, eps outside the rsqrt, eps a tensor (the op takes a
+constant), modulation before the norm (a gate of the form `k + scale`), a norm that reads r
+narrowed or in another dtype than r was rounded to, a residual / x that is not full-size,
+scale/shift/weight that broadcast the output past the normalised shape, k a tensor of rank
+>= 1. A plain LN / RMSNorm with neither residual nor modulation is not this family.
 """
 from __future__ import annotations
 
@@ -38,16 +54,18 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, MultiOutputPattern
 
+from ..fusion_pass.canonicalize import (CompletedPass, Completions, is_identity, is_k_plus, is_scalar_tensor,
+                                        norm_output)
 from .common import (CONVERT, VIEW_OPS, Family, Variant, aten, cast, inserted, inserted_by, is_last_dim_vector,
                      is_number, is_upcast, val)
-from .rms_norm import ADD_EPS, rms_core
-from .scale_shift import broadcast_kind, strip_upcast
+from .rms_norm import ADD_EPS, EPS_TENSOR, rms_core
+from .scale_shift import broadcast_kind, from_modulation_table, strip_upcast
 
-RESIDUALS = ("gate_xg", "gate_gx", "one", "none")  # larger first: the first match wins
-ROUNDINGS = ("direct", "cast", "roundtrip", "mixed")
-# (modulation, cast between norm and modulation, cast at the end)
-TAILS = ((True, True, True), (True, False, True), (True, True, False), (True, False, False), (False, False, True),
-         (False, False, False))
+RESIDUALS = ("gate", "one", "none")  # larger first: the first match wins
+ROUNDINGS = ("direct", "cast", "roundtrip")
+# (modulation, cast between norm and modulation, cast at the end): the casts are always there
+# for this family's matching (a model's own, or an identity one: Completions.casts)
+TAILS = ((True, True, True), (False, False, True))
 
 
 def layer_norm(nin):
@@ -79,32 +97,39 @@ def build(residual: str, rounding: str, norm: str, affine: str, mod: bool, mid_c
     if residual == "none":
         nin = x
     else:
-        prod = {"one": x, "gate_xg": CallFunction(aten.mul.Tensor, x, KeywordArg("gate")),
-                "gate_gx": CallFunction(aten.mul.Tensor, KeywordArg("gate"), x)}[residual]
+        # `x * gate`: KeywordArgs match either operand order (check() tells them apart by shape)
+        prod = x if residual == "one" else CallFunction(aten.mul.Tensor, x, KeywordArg("gate"))
         total = CallFunction(aten.add.Tensor, KeywordArg("residual"), prod)
-        if rounding in ("direct", "mixed"):
+        if rounding == "direct":
             r = nin = total
         elif rounding == "cast":
             r, nin = total, cast(total, users=2)  # both LN (var_mean, sub) and RMS (pow, mul) read it twice
         else:
             r = cast(total)
             nin = cast(r, users=2)
-    # "mixed" (no residual): diffusers' RMSNorm squares x.float() but multiplies x itself
-    n = layer_norm(nin) if norm == "ln" else rms_core(nin, "pow", "mean", "x_r",
-                                                      xs=cast(nin) if rounding == "mixed" else None)
+    n = layer_norm(nin) if norm == "ln" else rms_core(nin, "pow", "mean")
     if "w" in affine:
         n = CallFunction(aten.mul.Tensor, n, KeywordArg("weight"))
     if "b" in affine:
-        n = CallFunction(aten.add.Tensor, n, KeywordArg("bias"))
+        n = CallFunction(aten.add.Tensor, KeywordArg("bias"), n)
     if mid_cast:
         n = cast(n)
     if mod:
-        n = CallFunction(aten.add.Tensor, CallFunction(
-            aten.mul.Tensor, n, CallFunction(aten.add.Tensor, KeywordArg("scale"), KeywordArg("k"))),
-            KeywordArg("shift"))
+        n = CallFunction(aten.add.Tensor, KeywordArg("shift"), CallFunction(
+            aten.mul.Tensor, n, CallFunction(aten.add.Tensor, KeywordArg("scale"), KeywordArg("k"))))
     if out_cast:
         n = cast(n)
     return MultiOutputPattern([n, r]) if r is not None else n
+
+
+def complete(graph) -> Completions:
+    """The identity completions this family matches with (module docstring)."""
+    done = Completions(graph)
+    done.twice_read_norms()
+    done.scale_only(lambda a, y: norm_output(a))
+    done.shift_only(lambda shift, t: from_modulation_table(shift))
+    done.casts(lambda t, d: isinstance(t, torch.fx.Node) and affine_reason({"weight": t}, d) is None)
+    return done
 
 
 class NormScaleShiftPattern(Family):
@@ -115,19 +140,26 @@ class NormScaleShiftPattern(Family):
         # the modulation tails come first: `n * (1+scale) + shift` must not be taken for an affine
         for residual, rounding, norm, (mod, mid_cast, out_cast), affine in itertools.product(
                 RESIDUALS, ROUNDINGS, ("ln", "rms"), TAILS, ("wb", "w", "")):
-            if residual == "none" and (rounding not in ("direct", "mixed") or not mod):
+            if residual == "none" and (rounding != "direct" or not mod):
                 continue  # no residual: rounding is moot; and a bare norm is not this family
-            if rounding == "mixed" and norm != "rms":
-                continue
             if norm == "rms" and affine == "wb":
                 continue
             pattern = build(residual, rounding, norm, affine, mod, mid_cast, out_cast)
-            tail = ("mod" if mod else "nomod") + ("/midcast" if mid_cast else "") + ("/cast" if out_cast else "")
-            name = "/".join([residual, rounding if residual != "none" or rounding == "mixed" else "-", norm,
-                             affine or "noaffine", tail])
+            tail = "mod" if mod else "nomod"
+            name = "/".join([residual, rounding if residual != "none" else "-", norm, affine or "noaffine", tail])
             out.append(Variant(name, pattern, dict(residual=residual, rounding=rounding, norm=norm,
                                                    affine=affine, mod=mod, mid_cast=mid_cast)))
         return out
+
+    def build_pass(self, get_ctx):
+        def explain(graph):
+            rejected = get_ctx().rejected
+            for vm in self.anchors(graph):
+                if vm not in rejected:
+                    reason = _why_not(vm)
+                    if reason:
+                        rejected[vm] = reason
+        return CompletedPass(super().build_pass(get_ctx), complete, explain)
 
     def anchor_of(self, match):
         # only LayerNorm sites: an RMSNorm's rsqrt is the rms_norm family's anchor
@@ -164,44 +196,56 @@ class NormScaleShiftPattern(Family):
         dims = kw["dims"]
         if not (isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (ndim - 1, -1)):
             return f"normalises over dims {dims} of a {ndim}-d tensor, not the last dim"
+        if is_scalar_tensor(kw["eps"]):
+            return f"{EPS_TENSOR} (RMSNorm: the rms_norm family may take the norm alone)"
         if not is_number(kw["eps"]):
             return "eps is a tensor, not a constant"
         if "exponent" in kw and kw["exponent"] != 2:
             return f"mean of x**{kw['exponent']}, not of x**2"
-        if info["mod"] and not is_number(kw["k"]):
-            return "the k of (k + scale) is a tensor"
+        if info["mod"] and not (is_number(kw["k"]) or is_scalar_tensor(kw["k"])):
+            return f"the k of (k + scale) is a tensor of shape {tuple(val(kw['k']).shape)}, not a scalar"
         if tuple(ov.shape) != nin_shape:
             return f"output {tuple(ov.shape)} is broadcast past the normalised shape {nin_shape}"
         reason = affine_reason(kw, d)
         if reason:
             return reason
         xn, gate = kw["x"], kw.get("gate")
-        if info["rounding"] == "mixed" and info["residual"] == "none":
-            up = next(n for n in match.nodes if n.target == CONVERT and n.args[0] is kw["x"])
-            if not is_upcast(up):
-                return f"the norm squares x converted to {up.args[1]}, not its exact upcast"
         if r_node is not None:
             reason = _check_residual(match, info, kw, r_node, nin_shape)
             if isinstance(reason, str):
                 return reason
             xn, gate = reason
         r_dtype = val(r_node).dtype if r_node is not None else x.dtype
+        scale, shift, k, k_node = kw.get("scale"), kw.get("shift"), 0.0, None
+        if info["mod"]:
+            if is_identity(scale):
+                scale = None  # a shift-only modulation (the completion's -0.0 scale, k = 1)
+            elif is_number(kw["k"]):
+                k = float(kw["k"])
+            else:  # a 0-d tensor k: the op's scale is the model's `scale + k`, computed in the graph
+                k, k_node = -0.0, kw["k"]
+            if is_identity(shift):
+                shift = None  # a scale-only modulation (the completion's -0.0 shift)
         site = dict(x=xn, residual=kw.get("residual"), gate=gate, weight=kw.get("weight"), bias=kw.get("bias"),
-                    scale=kw.get("scale"), shift=kw.get("shift"))
-        site = {k: (strip_upcast(v) if v is not None else None) for k, v in site.items()}
-        site.update(eps=float(kw["eps"]), k=float(kw["k"]) if info["mod"] else 0.0, is_rms=info["norm"] == "rms",
+                    scale=scale, shift=shift)
+        site = {name: (strip_upcast(v) if v is not None else None) for name, v in site.items()}
+        if k_node is not None:
+            site.update(scale=kw["scale"], k_node=k_node)  # exactly the operands of the model's add
+        site.update(eps=float(kw["eps"]), k=k, is_rms=info["norm"] == "rms",
                     residual_dtype=r_dtype, out_dtype=ov.dtype, two_outputs=r_node is not None)
         return site
 
     def replace(self, match, variant, site, ctx):
         op = ctx.impl(self.name)
-        names = [n for n in ("x", "residual", "gate", "weight", "bias", "scale", "shift") if site[n] is not None]
+        names = [n for n in ("x", "residual", "gate", "weight", "bias", "scale", "shift", "k_node")
+                 if site.get(n) is not None]
         consts = (site["eps"], site["k"], site["is_rms"], site["residual_dtype"], site["out_dtype"])
 
         def fused(*tensors):
             t = dict(zip(names, tensors))
+            scale = t["scale"] + t["k_node"] if "k_node" in t else t.get("scale")
             out, r = op(t["x"], t.get("residual"), t.get("gate"), t.get("weight"), t.get("bias"),
-                        t.get("scale"), t.get("shift"), *consts)
+                        scale, t.get("shift"), *consts)
             return (out, r) if site["two_outputs"] else out
 
         ctx.replace(match, fused, [site[n] for n in names])
@@ -215,14 +259,14 @@ def _check_residual(match, info, kw, r_node, r_shape):
     if tuple(val(xn).shape) != r_shape or tuple(val(kw["residual"]).shape) != r_shape:
         return (f"residual {tuple(val(kw['residual']).shape)} / x {tuple(val(xn).shape)} are not both the "
                 f"full shape {r_shape}")
-    if any(_is_k_plus(f) for f in (xn, gate)) or any(
-            t.target == aten.mul.Tensor and any(_is_k_plus(f) for f in t.args) for t in (xn, kw["residual"])):
+    if any(is_k_plus(f) for f in (xn, gate)) or any(
+            t.target == aten.mul.Tensor and any(is_k_plus(f) for f in t.args) for t in (xn, kw["residual"])):
         return "the sum is `shift + x*(k + scale)`: modulation before the norm, not a residual"
     if gate is not None:
         if broadcast_kind(val(gate).shape, r_shape) is None:
             return f"gate {tuple(val(gate).shape)} does not broadcast as a gate against {r_shape}"
     up = next((n for n in match.nodes if n.target == CONVERT and n.args[0] is r_node), None)
-    if info["rounding"] in ("cast", "mixed"):
+    if info["rounding"] == "cast":
         if not is_upcast(up):
             return f"the norm reads r narrowed to {up.args[1]} (r is {val(r_node).dtype})"
     if info["rounding"] == "roundtrip":
@@ -246,11 +290,6 @@ def _is_fused_residual(node) -> bool:
     return _fused_by_scale_shift(node, with_k=False)
 
 
-def _is_k_plus(node) -> bool:
-    """node is `scale + k` with a literal k (the AdaLN factor)."""
-    return isinstance(node, torch.fx.Node) and node.target == aten.add.Tensor and any(is_number(a) for a in node.args)
-
-
 _NORM_STEPS = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsqrt.default, operator.getitem, CONVERT,
                *VIEW_OPS, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default)
 
@@ -263,15 +302,45 @@ def _feeds_modulation(vm: torch.fx.Node) -> bool:
     while frontier and seen < 16:
         node = frontier.pop()
         seen += 1
-        if node.target == aten.mul.Tensor and any(
-                isinstance(a, torch.fx.Node) and a.target == aten.add.Tensor and is_number(a.args[1])
-                for a in node.args):
+        if node.target == aten.mul.Tensor and any(is_k_plus(a, strict=False) for a in node.args):
             return True
         if _fused_by_scale_shift(node, with_k=True):
             return True
         if node.target in _NORM_STEPS:
             frontier.extend(node.users)
     return False
+
+
+def _why_not(vm: torch.fx.Node) -> str | None:
+    """Why a LayerNorm anchor no variant tried is no site, where the graph says it plainly:
+    its output has other readers, or its modulation goes on into more arithmetic."""
+    n = next((u for u in vm.users if u.target == operator.getitem and u.args[1] == 1), None)
+    n = next((u for u in n.users if u.target == aten.sub.Tensor), None) if n is not None else None
+    n = next(iter(n.users), None) if n is not None and len(n.users) == 1 else None
+    while n is not None and len(n.users) == 1:  # through the affine and a cast
+        u = next(iter(n.users))
+        if not (u.target == CONVERT or u.target == aten.mul.Tensor and u.args[0] is n and not is_k_plus(u.args[1])
+                or u.target == aten.add.Tensor and u.args[1] is n):
+            break
+        n = u
+    if n is None:
+        return None
+    users = list(n.users)
+    if len(users) > 1:
+        what = ", ".join(sorted({_op(u) for u in users}))
+        return (f"the norm's output is read {len(users)} times ({what}), not by one modulation: the op "
+                f"returns the modulated value only")
+    y = users[0] if users else None
+    if y is not None and y.target == aten.mul.Tensor and len(y.args) == 2 and is_k_plus(y.args[1]):
+        on = [u for u in y.users if not (u.target == aten.add.Tensor and len(u.args) == 2 and u.args[1] is y)]
+        if on and any(u.target in (aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor) for u in on):
+            return (f"the modulation `n * (k + scale)` goes on into {_op(on[0])} (`c - n*(k + scale)` and the like): "
+                    f"no `shift + n * (k + scale)`, and a scale-only modulation ends there")
+    return None
+
+
+def _op(node) -> str:
+    return str(getattr(node.target, "__name__", node.target))
 
 
 FAMILY = NormScaleShiftPattern()

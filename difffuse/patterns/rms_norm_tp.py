@@ -24,6 +24,12 @@ all-reduced) and a "sum" is divided by exactly the group's size. The plain rms_n
 checks (last dim, x², eps a constant, weight along the last dim, casts) apply unchanged.
 Registered as extra variants of the `rms_norm` family: `RMSNormFamily` below is what
 `patterns/__init__.py` loads for "rms_norm".
+
+The same two ops take a plain RMSNorm whose eps is a 0-d tensor (a Python float that Dynamo
+lifted to a graph input under dynamic shapes: `+ self.eps`; its value is not guarded, so
+it is no constant the one-op rms_norm could take): `rsqrt_mul(x, variance(x) + eps, w,
+-0.0)`, the model's own `mean + eps` computed in the graph between them (v + (-0.0) == v).
+Where the lowering has no variance/rsqrt_mul the site is a miss with that reason.
 """
 from __future__ import annotations
 
@@ -32,19 +38,19 @@ import itertools
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from .common import Variant, aten, cast, typed_site, val
-from .rms_norm import ADD_EPS, RMSNormPattern, with_tail
+from ..fusion_pass.canonicalize import CompletedPass, Completions
+from .common import Variant, aten, typed_site, val
+from .rms_norm import ADD_EPS, EPS_TENSOR, TAILS, RMSNormPattern, check_rms_core, why_not, with_tail
 
 c10d = torch.ops._c10d_functional
 ALL_REDUCE = c10d.all_reduce.default
 WAIT = c10d.wait_tensor.default
 
 
-def tp_core(x, square: str, collective: str, copy: bool, order: str, xs=None):
-    """`x * rsqrt(allreduce(mean(xs²)) + eps)` in the spellings above."""
-    xs = x if xs is None else xs
-    sq = (CallFunction(aten.pow.Tensor_Scalar, xs, KeywordArg("exponent")) if square == "pow"
-          else CallFunction(aten.mul.Tensor, xs, xs))
+def tp_core(x, square: str, collective: str, copy: bool):
+    """`x * rsqrt(allreduce(mean(x²)) + eps)` in the spellings above (canonical order: x first)."""
+    sq = (CallFunction(aten.pow.Tensor_Scalar, x, KeywordArg("exponent")) if square == "pow"
+          else CallFunction(aten.mul.Tensor, x, x))
     mean = CallFunction(aten.mean.dim, sq, KeywordArg("dims"), True, _users=2 if copy else 1)
     red = CallFunction(WAIT, CallFunction(ALL_REDUCE, mean, KeywordArg("reduce_op"), KeywordArg("group_name")))
     if copy:
@@ -52,7 +58,7 @@ def tp_core(x, square: str, collective: str, copy: bool, order: str, xs=None):
     if collective == "sum_div":
         red = CallFunction(aten.div.Tensor, red, KeywordArg("world"))
     rs = CallFunction(aten.rsqrt.default, CallFunction(ADD_EPS, red, KeywordArg("eps")))
-    return CallFunction(aten.mul.Tensor, x, rs) if order == "x_r" else CallFunction(aten.mul.Tensor, rs, x)
+    return CallFunction(aten.mul.Tensor, x, rs)
 
 
 def group_size(group_name: str) -> int | None:
@@ -69,23 +75,27 @@ class RMSNormFamily(RMSNormPattern):
 
     def build_pass(self, get_ctx):
         self._get_ctx = get_ctx  # check() asks the lowering whether it has the TP ops
-        return super().build_pass(get_ctx)
+
+        def explain(graph):  # a reason for the anchors no variant matched, where the graph has one
+            rejected = get_ctx().rejected
+            for rs in self.anchors(graph):
+                if rs not in rejected:
+                    reason = why_not(rs)
+                    if reason:
+                        rejected[rs] = reason
+        return CompletedPass(super().build_pass(get_ctx), Completions, explain)
 
     def variants(self) -> list[Variant]:
         return super().variants() + self.tp_variants()
 
     def tp_variants(self) -> list[Variant]:
         out = []
-        # x_cast: sglang's `x.float()` used twice, or an fp32 x; tails as in rms_norm
-        for x_cast, square, collective, copy, order, tail in itertools.product(
-                ("both", "none"), ("pow", "mul"), ("avg", "sum_div"), (False, True), ("x_r", "r_x"),
-                ("cast_w_cast", "w_cast", "cast_w", "w", "cast", "none")):
-            x = KeywordArg("x")
-            p = tp_core(cast(x, users=2), square, collective, copy, order) if x_cast == "both" \
-                else tp_core(x, square, collective, copy, order)
-            p = with_tail(p, tail)
-            name = "/".join(["tp", f"cast_{x_cast}", square, collective + ("_copy" if copy else ""), order, tail])
-            out.append(Variant(name, p, {"tp": True, "x_cast": x_cast, "tail": tail, "collective": collective}))
+        # `x.float()` (sglang) or not: x is the norm's input either way (canonicalize.py)
+        for square, collective, copy, tail in itertools.product(
+                ("pow", "mul"), ("avg", "sum_div"), (False, True), TAILS):
+            p = with_tail(tp_core(KeywordArg("x"), square, collective, copy), tail)
+            name = "/".join(["tp", square, collective + ("_copy" if copy else ""), tail])
+            out.append(Variant(name, p, {"tp": True, "tail": tail, "collective": collective}))
         return out
 
     def anchors(self, graph):
@@ -97,8 +107,18 @@ class RMSNormFamily(RMSNormPattern):
         return found
 
     def check(self, match, variant):
-        site = super().check(match, variant)
-        if isinstance(site, str) or not variant.info.get("tp"):
+        core = check_rms_core(match, match.kwargs["x"])
+        site = core if isinstance(core, str) else self.check_rest(match, variant, core)
+        if isinstance(site, str):
+            return site
+        if "eps_node" in site:
+            # eps a 0-d tensor input (rms_norm.py): `rsqrt_mul(x, variance(x) + eps, w, -0.0)`
+            # computes the model's own `mean + eps` in the graph; v + (-0.0) == v exactly
+            missing = self._missing_tp_ops()
+            if missing:
+                return f"{EPS_TENSOR}; the {self._get_ctx().lowering} lowering has no {missing} kernel to take it"
+            site["eps"] = -0.0
+        if not variant.info.get("tp"):
             return site
         kw = match.kwargs
         mean = next(n for n in match.nodes if n.target == aten.mean.dim)
@@ -109,36 +129,44 @@ class RMSNormFamily(RMSNormPattern):
             return f"all_reduce op {kw['reduce_op']!r}, not the mean over the group"
         if want == "sum" and kw["world"] != group_size(kw["group_name"]):
             return f"sum all-reduced then divided by {kw['world']}, not by the group size"
-        ctx = self._get_ctx()
-        impls = getattr(ctx.module, "IMPLS", {})
-        missing = [f for f in ("variance", "rsqrt_mul") if f not in impls]
+        missing = self._missing_tp_ops()
         if missing:
-            return f"the {ctx.lowering} lowering has no {'/'.join(missing)} kernel"
+            return f"the {self._get_ctx().lowering} lowering has no {missing} kernel"
         site.update(reduce_op=kw["reduce_op"], group_name=kw["group_name"],
                     world=kw.get("world") if want == "sum" else None)
         return site
 
+    def _missing_tp_ops(self) -> str:
+        impls = getattr(self._get_ctx().module, "IMPLS", {})
+        return "/".join(f for f in ("variance", "rsqrt_mul") if f not in impls)
+
     def typed(self, site):
-        """A tensor-parallel site is two op calls: `variance(x)` and `rsqrt_mul(x, var, w)`."""
-        if "reduce_op" not in site:
+        """A tensor-parallel site (or one with a tensor eps) is two op calls: `variance(x)`
+        and `rsqrt_mul(x, var, w)`."""
+        if "reduce_op" not in site and "eps_node" not in site:
             return super().typed(site)
         return [typed_site("variance", site), typed_site("rsqrt_mul", site)]
 
     def replace(self, match, variant, site, ctx):
-        if not variant.info.get("tp"):
+        if not variant.info.get("tp") and "eps_node" not in site:
             return super().replace(match, variant, site, ctx)
         var_op, rsqrt_mul = ctx.impl("variance"), ctx.impl("rsqrt_mul")
-        eps, out_dtype, op, group, world = (site["eps"], site["out_dtype"], site["reduce_op"], site["group_name"],
-                                            site["world"])
+        eps, out_dtype = site["eps"], site["out_dtype"]
+        op, group, world = site.get("reduce_op"), site.get("group_name"), site.get("world")
+        names = [n for n in ("x", "eps_node", "weight") if site.get(n) is not None]
 
-        def repl(x, w=None):
-            v = c10d.wait_tensor(c10d.all_reduce(var_op(x), op, group))
-            if world is not None:
-                v = v / world
-            return rsqrt_mul(x, v, w, eps, out_dtype)
+        def repl(*args):
+            t = dict(zip(names, args))
+            v = var_op(t["x"])
+            if op is not None:
+                v = c10d.wait_tensor(c10d.all_reduce(v, op, group))
+                if world is not None:
+                    v = v / world
+            if "eps_node" in t:
+                v = v + t["eps_node"]  # the model's `mean + eps`, eps its 0-d tensor
+            return rsqrt_mul(t["x"], v, t.get("weight"), eps, out_dtype)
 
-        args = [site["x"]] if site["weight"] is None else [site["x"], site["weight"]]
-        ctx.replace(match, repl, args)
+        ctx.replace(match, repl, [site[n] for n in names])
 
 
 def _after_all_reduce(node) -> bool:

@@ -1,9 +1,22 @@
 """scale_shift: AdaLN modulation and gated residuals, `out = c + a * (k + b)`.
 
-    add(c, mul(a, add(b, k)))  |  add(mul(a, add(b, k)), c)       AdaLN `x*(1+scale)+shift`, k read from the match
-    add(c, mul(a, g))  |  add(mul(a, g), c)                       gated residual `res + x*gate`, k = 0 (no add node)
+    add(c, mul(a, add(b, k)))                                     AdaLN `x*(1+scale)+shift`, k read from the match
+    add(c, mul(a, g))                                             gated residual `res + x*gate`, k = 0 (no add node)
         ─ (convert)?                                              `.type_as(h)` / `.to(dtype)`
       ==>  difffuse::scale_shift(a, b, c, k, out_dtype)
+
+One operand order: canonicalize.py puts the product second in the add and the `b + k`
+factor second in the product, so `x*(1+s) + shift`, `shift + (1+s)*x`, `res + gate*x` and
+ComfyUI's `addcmul(shift, x, 1 + s)` / `addcmul(res, y, gate)` are these two forms. A
+scale-only modulation `x * (1 + scale)` (no shift) is completed for this family's matching
+with a -0.0 shift (canonicalize.Completions: exact) and fused with c = None; only where the
+scale is a modulation (a chunk of a table, or one value per sample), so a GELU's
+`0.5*h * (1 + tanh(.))` or a layer scale is left alone, and only where the product starts
+and ends its arithmetic (`c - x*(1 + s)` and `(c + x)*(1 + s)` stay one Inductor kernel).
+k: a number, or a 0-d tensor (a Python float that Dynamo lifted to a graph input under
+dynamic shapes, `x * (self.scale_constant + scale)`: its value is not guarded, so it is
+not read as a constant): then the op's b is the model's own `b + k` computed in the graph
+and k = -0.0 (b' + (-0.0) == b' exactly).
 
 `a` is the full-size operand ([B, L, D], or [B, F, L/F, D] for per-frame tables); `b`
 and `c` broadcast against it as a scalar, [D] / [1, 1, D], per batch [B, 1, D], per
@@ -21,8 +34,8 @@ token [B, L, D] or per frame [B, F, 1, D]. Real graphs, and why each spelling is
     `h + y*(1 + tanh(·))`): those are left alone.
   - k = 0 needs a full-size `c` (the residual): `n*w + bias` with vectors is a norm's
     affine tail, which Inductor fuses into the norm.
-Not matched: `c - a*(k+b)`, `(c + a)*(k+b)`, k a tensor, other broadcasts (reported with
-their shapes).
+Not matched: `c - a*(k+b)`, `(c + a)*(k+b)`, k a tensor of rank >= 1, other broadcasts
+(reported with their shapes).
 """
 from __future__ import annotations
 
@@ -31,16 +44,15 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
+from ..fusion_pass.canonicalize import (IDENTITY_CAST, CompletedPass, Completions, ends_arithmetic, is_identity,
+                                        is_k_plus, is_scalar_tensor)
 from .common import CONVERT, VIEW_OPS, Family, Variant, aten, cast, inserted, is_number, val
 
 FORMS = {
-    # name: (builder, has k): both operand orders of the outer add occur (`shift + x*s` vs `x*s + shift`)
+    # name: (builder, has k)
     "c+a*(b+k)": (lambda a, b, c: CallFunction(aten.add.Tensor, c, CallFunction(
         aten.mul.Tensor, a, CallFunction(aten.add.Tensor, b, KeywordArg("k")))), True),
-    "a*(b+k)+c": (lambda a, b, c: CallFunction(aten.add.Tensor, CallFunction(
-        aten.mul.Tensor, a, CallFunction(aten.add.Tensor, b, KeywordArg("k"))), c), True),
     "c+a*b": (lambda a, b, c: CallFunction(aten.add.Tensor, c, CallFunction(aten.mul.Tensor, a, b)), False),
-    "a*b+c": (lambda a, b, c: CallFunction(aten.add.Tensor, CallFunction(aten.mul.Tensor, a, b), c), False),
 }
 
 # ops a modulation chunk passes through on its way from the split to the multiply
@@ -50,7 +62,11 @@ _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, at
 
 
 def strip_upcast(node):
-    """The tensor an exact upcast to fp32 reads (the ops compute in fp32 anyway), else node."""
+    """The tensor an exact upcast to fp32 reads (the ops compute in fp32 anyway), else node.
+    An identity cast a completion put in stays (canonicalize.Completions.casts): it is the
+    one reader of a norm output another site may still match, and is taken out afterwards."""
+    if isinstance(node, torch.fx.Node) and node.meta.get(IDENTITY_CAST):
+        return node
     if isinstance(node, torch.fx.Node) and node.target == CONVERT and node.args[1] == torch.float32:
         src = val(node.args[0])
         if isinstance(src, torch.Tensor) and src.dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -115,12 +131,18 @@ class ScaleShiftPattern(Family):
                                    {"has_k": has_k}))
         return out
 
+    def build_pass(self, get_ctx):
+        return CompletedPass(super().build_pass(get_ctx), complete)
+
     def anchor_of(self, match):
-        return _top_add(match.nodes)
+        top = _top_add(match.nodes)
+        if top is not None and is_identity(top.args[0]):
+            return top.args[1]  # a completed scale-only site: its multiply is what anchors() finds
+        return top
 
     def anchors(self, graph):
-        """Leftover `x*(k+scale)+shift` (k a number ≠ 0) and gated residuals `res + x*gate`
-        whose gate is per batch or a modulation chunk."""
+        """Leftover `x*(k+scale)+shift` (k ≠ 0), scale-only modulations `x*(k+scale)`, and
+        gated residuals `res + x*gate` whose gate is per batch or a modulation chunk."""
         found = []
         for n in graph.find_nodes(op="call_function", target=aten.add.Tensor):
             if not n.users or len(n.args) != 2 or inserted(n):
@@ -130,13 +152,15 @@ class ScaleShiftPattern(Family):
                 if not (isinstance(m, torch.fx.Node) and m.target == aten.mul.Tensor
                         and isinstance(other, torch.fx.Node)):
                     continue
-                if any(isinstance(s, torch.fx.Node) and s.target == aten.add.Tensor and is_number(s.args[1])
-                       and s.args[1] != 0 for s in m.args):
+                if any(is_k_plus(f, strict=False) and not (is_number(f.args[1]) and f.args[1] == 0) for f in m.args):
                     found.append(n)
                     break
                 if _looks_gated(n, m, other):
                     found.append(n)
                     break
+        for m in graph.find_nodes(op="call_function", target=aten.mul.Tensor):
+            if m.users and not inserted(m) and _scale_only(m) and ends_arithmetic(m):
+                found.append(m)
         return found
 
     def check(self, match, variant):
@@ -147,11 +171,14 @@ class ScaleShiftPattern(Family):
         a, b, c = tensors
         out = val(match.output_node())
         names = {"a": kw["a"], "b": kw["b"], "c": kw["c"]}
-        k = 0.0
+        k, k_node = 0.0, None
         if variant.info["has_k"]:
-            if not is_number(kw["k"]):
-                return "k in (k + b) is a tensor"
-            k = float(kw["k"])
+            if is_scalar_tensor(kw["k"]):  # the op's b is the model's own `b + k` (module docstring)
+                k, k_node = -0.0, kw["k"]
+            elif not is_number(kw["k"]):
+                return f"k in (k + b) is a tensor of shape {tuple(val(kw['k']).shape)}, not a scalar"
+            else:
+                k = float(kw["k"])
         elif tuple(a.shape) != tuple(out.shape) or (
                 tuple(b.shape) == tuple(out.shape) and from_modulation_table(kw["a"])
                 and not from_modulation_table(kw["b"])):
@@ -168,12 +195,48 @@ class ScaleShiftPattern(Family):
             return f"a {kb}-shaped {what} {tuple(b.shape)} that is not a chunk of a modulation table"
         if not variant.info["has_k"] and kc != "full":
             return "`c + a*b` with a broadcast c is an affine, not a gated residual"
-        return {"a": strip_upcast(names["a"]), "b": strip_upcast(names["b"]), "c": strip_upcast(names["c"]),
+        site = {"a": strip_upcast(names["a"]), "b": strip_upcast(names["b"]),
+                "c": None if is_identity(names["c"]) else strip_upcast(names["c"]),  # scale-only: no shift
                 "k": k, "out_dtype": out.dtype, "b_kind": kb, "c_kind": kc}
+        if k_node is not None:
+            site.update(b=names["b"], k_node=k_node)  # exactly the operands of the model's `b + k`
+        return site
 
     def replace(self, match, variant, site, ctx):
         op, k, out_dtype = ctx.impl(self.name), site["k"], site["out_dtype"]
-        ctx.replace(match, lambda a, b, c: op(a, b, c, k, out_dtype), [site["a"], site["b"], site["c"]])
+        names = [n for n in ("a", "b", "c", "k_node") if site.get(n) is not None]
+
+        def fused(*tensors):
+            t = dict(zip(names, tensors))
+            b = t["b"] + t["k_node"] if "k_node" in t else t["b"]
+            return op(t["a"], b, t.get("c"), k, out_dtype)
+
+        ctx.replace(match, fused, [site[n] for n in names])
+
+
+def _scale_only(y: torch.fx.Node) -> bool:
+    """`y = a * (b + k)` is a modulation without a shift: a full-size a, and b a chunk of a
+    modulation table or one value per sample (not a GELU's `1 + tanh(.)`, not a layer
+    scale); a is no pointwise result (`(c + x) * (1 + s)` is one Inductor kernel, which an
+    op reading a computed `c + x` would split in two)."""
+    if not (len(y.args) == 2 and not y.kwargs and is_k_plus(y.args[1], strict=False)):
+        return False
+    if isinstance(y.args[0], torch.fx.Node) and y.args[0].target in _POINTWISE:
+        return False
+    yv, av, b = val(y), val(y.args[0]), y.args[1].args[0]
+    if not (isinstance(yv, torch.Tensor) and isinstance(av, torch.Tensor)) or tuple(av.shape) != tuple(yv.shape):
+        return False
+    return from_modulation_table(b) or broadcast_kind(val(b).shape, yv.shape) == "batch"
+
+
+_POINTWISE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default}
+
+
+def complete(graph) -> Completions:
+    """Scale-only modulations completed with a -0.0 shift for this family's matching."""
+    done = Completions(graph)
+    done.scale_only(lambda a, y: _scale_only(y))
+    return done
 
 
 def _looks_gated(add: torch.fx.Node, mul: torch.fx.Node, res: torch.fx.Node) -> bool:
