@@ -47,8 +47,9 @@ class LinearGeluPattern(Family):
         out = []
         for viewed, h_cast, out_cast in itertools.product((True, False), repeat=3):
             users = 1 if h_cast else 4
-            mm = CallFunction(aten.addmm.default, KeywordArg("bias"), KeywordArg("x"),
-                              CallFunction(aten.permute.default, KeywordArg("weight"), [1, 0]),
+            # mat2: nn.Linear's permute(w, [1, 0]), or a [in, out] matrix code passes itself
+            # (LightX2V's torch.addmm(b, x, w_t, out=...)): the weight is read from it in `check`
+            mm = CallFunction(aten.addmm.default, KeywordArg("bias"), KeywordArg("x"), KeywordArg("mat2"),
                               _users=1 if viewed else users)
             h = CallFunction([aten.reshape.default, aten.view.default], mm, KeywordArg("shape"),
                              _users=users) if viewed else mm
@@ -70,7 +71,11 @@ class LinearGeluPattern(Family):
             got = kw[key]
             if not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-6):
                 return f"GELU constant {key} is {got}, not {want}"
-        x, w, b = val(kw["x"]), val(kw["weight"]), val(kw["bias"])
+        mat2 = kw["mat2"]
+        permuted = (isinstance(mat2, torch.fx.Node) and mat2.target == aten.permute.default
+                    and list(mat2.args[1]) == [1, 0])
+        weight = mat2.args[0] if permuted else mat2
+        x, w, b = val(kw["x"]), val(weight), val(kw["bias"])
         if any(not isinstance(t, torch.Tensor) for t in (x, w, b)) or w.ndim != 2 or x.ndim != 2:
             return "not a 2-D Linear"
         if b.ndim != 1:
@@ -81,8 +86,8 @@ class LinearGeluPattern(Family):
             if val(cvt.args[0]).dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 return "unexpected pre-activation dtype"
         out = val(match.output_node())
-        return {"x": kw["x"], "weight": kw["weight"], "bias": kw["bias"], "out_dtype": out.dtype,
-                "mm_dtype": x.dtype, "shape": kw.get("shape")}
+        return {"x": kw["x"], "weight": weight, "transposed": not permuted, "bias": kw["bias"],
+                "out_dtype": out.dtype, "mm_dtype": x.dtype, "shape": kw.get("shape")}
 
     def anchors(self, graph):
         # only a tanh whose input is the GELU polynomial: erf-GELU and plain tanh are not sites
@@ -91,7 +96,11 @@ class LinearGeluPattern(Family):
                 if _is_linear_output(gelu_input(n))]
 
     def replace(self, match, variant, site, ctx):
-        op, out_dtype = ctx.impl(self.name), site["out_dtype"]
+        impl, out_dtype, transposed = ctx.impl(self.name), site["out_dtype"], site["transposed"]
+
+        def op(x, w, b, dtype):  # the fused op takes nn.Linear's [out, in] weight
+            return impl(x, w.t() if transposed else w, b, dtype)
+
         if site["shape"] is None:  # 2-D Linear: no view around the addmm
             ctx.replace(match, lambda x, w, b: op(x, w, b, out_dtype), [site["x"], site["weight"], site["bias"]])
             return
