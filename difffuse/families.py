@@ -25,6 +25,9 @@ TABLE: tuple[FamilyEntry, ...] = (
     # rms_norm's table plus the tensor-parallel variants
     FamilyEntry("rms_norm", "difffuse.patterns.rms_norm_tp", "RMSNorm (and its tensor-parallel form)"),
     FamilyEntry("scale_shift", "difffuse.patterns.scale_shift", "AdaLN `x*(k+scale)+shift`, gated residual"),
+    # after the three families whose output it quantises (it rewrites their ops into fp8 twins)
+    FamilyEntry("fp8_quant", "difffuse.patterns.fp8_quant",
+                "torchao float8 per-row activation quantisation fused into the norm/modulation before it"),
     FamilyEntry("linear_gelu", "difffuse.patterns.linear_gelu", "Linear + tanh-GELU (cuBLASLt epilogue)"),
     # one node per site (an SDPA aten op), so its place in the order changes nothing
     FamilyEntry("attention", "difffuse.patterns.attention", "exact SDPA calls -> the device's attention kernel"),

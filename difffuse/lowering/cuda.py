@@ -250,3 +250,80 @@ def supports(site) -> Optional[str]:
     else why it is left to Inductor."""
     rule = _RULES.get(type(site))
     return rule(site) if rule else f"no CUDA kernel for {site.FAMILY}"
+
+# ------------------------------------------------------------------ fp8_quant (issue 29)
+# A norm / modulation whose output torchao quantises to float8 per row: the plain kernel's
+# fp8 twin (triton_kernels: the same math, then the row's amax, scale and e4m3 cast in
+# registers), so the bf16 output is written only where something else reads it.
+from .sites import FP8QuantSite  # noqa: E402
+
+
+def fp8_quant(family: str, args: dict, store_y: bool) -> tuple:
+    """The fp8 twin of `family`'s op on its own arguments (by name): (y | empty, r | None, q, s)."""
+    if family == "rms_norm":
+        y, q, s = tk.rms_norm_fp8(args["x"], args["weight"], args["eps"], args["out_dtype"], store_y)
+        return y, None, q, s
+    if family == "scale_shift":
+        y, q, s = tk.scale_shift_fp8(args["a"], args["b"], args["c"], args["k"], args["out_dtype"], store_y)
+        return y, None, q, s
+    a = dict(args)
+    x, rdtype = a["x"], a["residual_dtype"]
+    modulate_only = a["residual"] is None and a["gate"] is None and torch.promote_types(x.dtype, rdtype) == rdtype
+    y, r, q, s = tk.norm_scale_shift_fp8(**a, store_r=not modulate_only, store_y=store_y)
+    return y, (x.to(rdtype) if modulate_only else r), q, s
+
+
+IMPLS["fp8_quant"] = fp8_quant
+
+
+def _fp8_quant(site: FP8QuantSite) -> Optional[str]:
+    if site.granularity != "row":
+        return f"{site.granularity} quantisation: the fused kernels quantise per row only"
+    rule = _RULES.get(type(site.inner))
+    reason = rule(site.inner) if rule else f"no CUDA kernel for {site.inner.FAMILY}"
+    if reason:
+        return reason
+    if site.y.dtype not in FLOATS:
+        return f"output dtype {site.y.dtype}"
+    if not known(site.y.numel() > 0):
+        return "zero-size output"
+    return None
+
+
+_RULES[FP8QuantSite] = _fp8_quant
+
+
+def _read_norm_kernel(t: dict, out_dtype, r_dtype) -> tuple:
+    args = {"x": t["X"], "residual": t.get("RES"), "gate": t.get("G"), "weight": t.get("W"), "bias": t.get("BIAS"),
+            "scale": t.get("SC"), "shift": t.get("SH"), "eps": t["eps"], "k": t["k"], "is_rms": t["IS_RMS"],
+            "residual_dtype": r_dtype or torch.float32, "out_dtype": out_dtype}
+    return "norm_scale_shift", args, {"y": "OUT", "r": "R" if t["STORE_R"] else None}
+
+
+def _read_kernel(name: str, t: dict, dtypes: dict) -> Optional[tuple]:
+    """(family, the op's arguments by name, {output: key}) of one of the plain kernels this
+    lowering launched, from the launch's named arguments (`t`, tensors as opaque values)
+    and its buffers' dtypes; None for any other kernel."""
+    if name == "norm_scale_shift_kernel":
+        return _read_norm_kernel(t, dtypes["OUT"], dtypes.get("R"))
+    if name == "rms_norm_kernel":
+        return "rms_norm", {"x": t["X"], "weight": t.get("W"), "eps": t["eps"], "out_dtype": dtypes["Y"]}, {"y": "Y"}
+    if name == "scale_shift_kernel":
+        return "scale_shift", {"a": t["A"], "b": t["B"], "c": t.get("C"), "k": t["k"],
+                               "out_dtype": dtypes["Y"]}, {"y": "Y"}
+    return None
+
+
+def _read_op(name: str, a: dict) -> Optional[tuple]:
+    """The same for this lowering's opaque op calls (the Triton interpreter's form)."""
+    if name == "triton_norm_scale_shift":
+        return "norm_scale_shift", a, {"y": 0, "r": 1}
+    if name == "triton_norm_modulate":
+        return "norm_scale_shift", {**a, "residual": None, "gate": None, "residual_dtype": torch.float32}, {"y": None}
+    if name in ("triton_rms_norm", "triton_scale_shift"):
+        return name[len("triton_"):], a, {"y": None}
+    return None
+
+
+# how the fp8_quant family reads back a call this lowering emitted
+READ_BACK = {"kernel": _read_kernel, "op": _read_op}

@@ -207,3 +207,17 @@ class AttentionSite:
 SITE_TYPES = {cls.FAMILY: cls for cls in (RMSNormSite, VarianceSite, RsqrtMulSite, ScaleShiftSite,
                                           NormScaleShiftSite, QKNormRopeSite, RopeSite, LinearGeluSite,
                                           AttentionSite)}
+
+@dataclasses.dataclass(frozen=True)
+class FP8QuantSite:
+    """A fused op whose output `y` is also quantised to float8_e4m3fn per row (the fp8 twin
+    of `inner`'s op, lowering/ops.py): `inner` is the op's own record, `store_y` whether
+    anything else still reads y (else it is not written)."""
+    FAMILY: ClassVar[str] = "fp8_quant"
+    inner: object  # the producer's typed site record (RMSNormSite, ScaleShiftSite, NormScaleShiftSite)
+    y: TensorSpec
+    store_y: bool
+    granularity: str = "row"
+
+
+SITE_TYPES[FP8QuantSite.FAMILY] = FP8QuantSite

@@ -457,3 +457,174 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
            num_warps=QK_HEADS[num_heads][1] if num_heads in QK_HEADS and tokens == 1
            else warps(hc * bhalf * 2, "qk_norm_rope"))
     return y
+
+# ------------------------------------------------------------------ float8 row quantisation
+# The fp8 twins of the rms_norm, scale_shift and norm_scale_shift kernels (issue 29,
+# docs/fp8.md §5): the same math in the same order (y is bit-identical to the plain
+# kernel's), then y's row is quantised in registers as Inductor compiles torchao's
+# quantisation of y read back from memory: amax over the out_dtype-rounded values (NaN
+# propagating, as Inductor's `maximum`), s = amax * fp32(1/448) (1.0 for a zero row),
+# q = fp8e4m3(min(max(y / s, -448), 448)) with Triton's fp32 `/`. y is written only if
+# STORE_Y (something else reads it).
+@triton.jit
+def _nan_max(a, b):
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _fp8_row(yo, m, Q, S, row, D: tl.constexpr):
+    """Quantise one row `yo` (already rounded to the op's out dtype) into Q[row], S[row]."""
+    yf = yo.to(tl.float32)
+    amax = tl.reduce(tl.where(m, tl.abs(yf), 0.0), 0, _nan_max)
+    s = amax * 0.002232142857142857
+    s = tl.where(amax == 0.0, 1.0, s)
+    q = yf / s
+    q = tl.where((q > -448.0) | (q != q), q, -448.0)
+    q = tl.where((q < 448.0) | (q != q), q, 448.0)
+    cols = tl.arange(0, yo.shape[0])
+    tl.store(Q + row * D + cols, q.to(Q.dtype.element_ty), mask=m)
+    tl.store(S + row, s)
+
+
+@triton.jit
+def rms_norm_fp8_kernel(X, W, Y, Q, S, N1, N2, sx0, sx1, sx2, sxd, swd, eps, D: tl.constexpr,
+                        HAS_W: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+    """rms_norm_kernel, then its row quantised (_fp8_row)."""
+    eps = tl.cast(eps, tl.float32)
+    row, i0, i1, i2 = _row(N1, N2, LEAD)
+    cols = tl.arange(0, BLOCK)
+    m = cols < D
+    x = tl.load(_at(X, i0, i1, i2, sx0, sx1, sx2) + cols * sxd, mask=m, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, 0) / D + eps)
+    if HAS_W:
+        y = y * tl.load(W + cols * swd, mask=m, other=0.0).to(tl.float32)
+    yo = y.to(Y.dtype.element_ty)
+    if STORE_Y:
+        tl.store(Y + row * D + cols, yo, mask=m)
+    _fp8_row(yo, m, Q, S, row, D)
+
+
+@triton.jit
+def scale_shift_fp8_kernel(A, B, C, Y, Q, S, N1, N2, sa0, sa1, sa2, sad, sb0, sb1, sb2, sbd,
+                           sc0, sc1, sc2, scd, k, D: tl.constexpr, HAS_C: tl.constexpr, LEAD: tl.constexpr,
+                           BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+    """scale_shift_kernel, then its row quantised (_fp8_row)."""
+    k = tl.cast(k, tl.float32)
+    row, i0, i1, i2 = _row(N1, N2, LEAD)
+    cols = tl.arange(0, BLOCK)
+    m = cols < D
+    a = tl.load(_at(A, i0, i1, i2, sa0, sa1, sa2) + cols * sad, mask=m).to(tl.float32)
+    b = tl.load(_at(B, i0, i1, i2, sb0, sb1, sb2) + cols * sbd, mask=m).to(tl.float32)
+    y = a * (b + k)
+    if HAS_C:
+        y = y + tl.load(_at(C, i0, i1, i2, sc0, sc1, sc2) + cols * scd, mask=m).to(tl.float32)
+    yo = y.to(Y.dtype.element_ty)
+    if STORE_Y:
+        tl.store(Y + row * D + cols, yo, mask=m)
+    _fp8_row(yo, m, Q, S, row, D)
+
+
+@triton.jit
+def norm_scale_shift_fp8_kernel(
+        X, RES, G, W, BIAS, SC, SH, OUT, R, Q, S, N1, N2,
+        sx0, sx1, sx2, sxd, sr0, sr1, sr2, srd, sg0, sg1, sg2, sgd,
+        ss0, ss1, ss2, ssd, sh0, sh1, sh2, shd, swd, sbd, eps, k, D: tl.constexpr,
+        HAS_RES: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SC: tl.constexpr, HAS_SH: tl.constexpr, IS_RMS: tl.constexpr, STORE_R: tl.constexpr,
+        LEAD: tl.constexpr, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+    """norm_scale_shift_kernel, then its row quantised (_fp8_row)."""
+    eps = tl.cast(eps, tl.float32)
+    k = tl.cast(k, tl.float32)
+    row, i0, i1, i2 = _row(N1, N2, LEAD)
+    cols = tl.arange(0, BLOCK)
+    m = cols < D
+    x = tl.load(_at(X, i0, i1, i2, sx0, sx1, sx2) + cols * sxd, mask=m, other=0.0).to(tl.float32)
+    if HAS_G:
+        x = x * tl.load(_at(G, i0, i1, i2, sg0, sg1, sg2) + cols * sgd, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x = x + tl.load(_at(RES, i0, i1, i2, sr0, sr1, sr2) + cols * srd, mask=m, other=0.0).to(tl.float32)
+    if STORE_R:
+        r = x.to(R.dtype.element_ty)
+        tl.store(R + row * D + cols, r, mask=m)
+        r = r.to(tl.float32)
+    else:
+        r = x
+    if IS_RMS:
+        n = r * tl.rsqrt(tl.sum(r * r, 0) / D + eps)
+    else:
+        diff = tl.where(m, r - tl.sum(r, 0) / D, 0.0)
+        n = diff * tl.rsqrt(tl.sum(diff * diff, 0) / D + eps)
+    if HAS_W:
+        n = n * tl.load(W + cols * swd, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        n = n + tl.load(BIAS + cols * sbd, mask=m, other=0.0).to(tl.float32)
+    if HAS_SC:
+        n = n * (tl.load(_at(SC, i0, i1, i2, ss0, ss1, ss2) + cols * ssd, mask=m, other=0.0).to(tl.float32) + k)
+    if HAS_SH:
+        n = n + tl.load(_at(SH, i0, i1, i2, sh0, sh1, sh2) + cols * shd, mask=m, other=0.0).to(tl.float32)
+    yo = n.to(OUT.dtype.element_ty)
+    if STORE_Y:
+        tl.store(OUT + row * D + cols, yo, mask=m)
+    _fp8_row(yo, m, Q, S, row, D)
+
+
+def _fp8_outputs(shape, out_dtype, device, store_y: bool):
+    y = torch.empty(shape if store_y else (0,), dtype=out_dtype, device=device)
+    q = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
+    s = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=device)
+    return y, q, s
+
+
+@triton_op("difffuse::triton_rms_norm_fp8", mutates_args=())
+def rms_norm_fp8(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype,
+                 store_y: bool) -> tuple[Tensor, Tensor, Tensor]:
+    shape = torch.broadcast_shapes(x.shape, weight.shape) if weight is not None else x.shape
+    y, q, s = _fp8_outputs(shape, out_dtype, x.device, store_y)
+    if empty(shape):
+        return y, q, s
+    d = shape[-1]
+    b = block(d)
+    sizes, (sx,), lead = index_plan(shape, [x])
+    launch(rms_norm_fp8_kernel, (rows(shape),), x, weight, y, q, s, *sizes, *sx, vstride(weight), eps, D=d,
+           HAS_W=weight is not None, LEAD=lead, BLOCK=b, STORE_Y=store_y, num_warps=warps(b, "rms_norm"))
+    return y, q, s
+
+
+@triton_op("difffuse::triton_scale_shift_fp8", mutates_args=())
+def scale_shift_fp8(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype,
+                    store_y: bool) -> tuple[Tensor, Tensor, Tensor]:
+    shape = torch.broadcast_shapes(a.shape, b.shape, *([c.shape] if c is not None else []))
+    y, q, s = _fp8_outputs(shape, out_dtype, a.device, store_y)
+    if empty(shape):
+        return y, q, s
+    d = shape[-1]
+    bl = block(d)
+    sizes, (sa, sb, sc), lead = index_plan(shape, [a, b, c])
+    launch(scale_shift_fp8_kernel, (rows(shape),), a, b, c, y, q, s, *sizes, *sa, *sb, *sc, k, D=d,
+           HAS_C=c is not None, LEAD=lead, BLOCK=bl, STORE_Y=store_y, num_warps=warps(bl, "scale_shift"))
+    return y, q, s
+
+
+@triton_op("difffuse::triton_norm_scale_shift_fp8", mutates_args=())
+def norm_scale_shift_fp8(x: Tensor, residual: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor],
+                         bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor], eps: float,
+                         k: float, is_rms: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype,
+                         store_r: bool, store_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y | empty, r | empty (not store_r), q, s); y's shape is the residual's (the CUDA
+    rule takes no modulation that widens it)."""
+    shape = torch.broadcast_shapes(*[t.shape for t in (x, residual, gate) if t is not None])
+    y, q, s = _fp8_outputs(shape, out_dtype, x.device, store_y)
+    r = torch.empty(shape if store_r else (0,), dtype=residual_dtype, device=x.device)
+    if empty(shape):
+        return y, r, q, s
+    d = shape[-1]
+    bl = block(d)
+    sizes, (sx, sr, sg, ss, sh), lead = index_plan(shape, [x, residual, gate, scale, shift])
+    launch(norm_scale_shift_fp8_kernel, (rows(shape),),
+           x, residual, gate, weight, bias, scale, shift, y, r if store_r else None, q, s, *sizes, *sx, *sr, *sg,
+           *ss, *sh, vstride(weight), vstride(bias), eps, k, D=d,
+           HAS_RES=residual is not None, HAS_G=gate is not None, HAS_W=weight is not None,
+           HAS_BIAS=bias is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
+           IS_RMS=is_rms, STORE_R=store_r, LEAD=lead, BLOCK=bl, STORE_Y=store_y,
+           num_warps=warps(bl, "norm_scale_shift" if store_r else "norm_modulate"))
+    return y, r, q, s
