@@ -327,7 +327,14 @@ def _find(graph):
         if s in claimed or not (s.op == "call_function" and _pair_split(s)) or inserted(s):
             continue
         nearest_failure = None
-        for root in _roots(s):
+        try:
+            roots = _roots(s)
+        except Exception as exc:  # noqa: BLE001  (one odd split never costs the graph its other ropes)
+            src = s.args[0] if isinstance(s.args[0], torch.fx.Node) else s
+            failed.append(Found(src, None, [], s, reason=f"internal error reading the pair split "
+                                                          f"({type(exc).__name__}: {exc})"))
+            continue
+        for root in roots:
             if root not in tried:
                 tried[root] = _try(root, order)
             f = tried[root]

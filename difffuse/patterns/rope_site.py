@@ -70,6 +70,14 @@ def anchors(family, graph) -> list:
 MISS_REASON = "difffuse_miss_reason"
 
 
+def _outside_reason(node, inside) -> str:
+    if any(u.op == "output" for u in node.users if u not in inside):
+        return (f"{node.name}, a value inside the rope, is also an output of this graph (Dynamo hands it back "
+                "to Python, e.g. for a list the code appends to with a graph break in the function): it must "
+                "stay as the model computes it, and the rope would be computed twice")
+    return f"{node.name}, a value inside the rope, is also read outside it (it would be computed twice)"
+
+
 class RopePass:
     """`apply(graph)` like a PatternMatcherPass: each rope the recogniser finds that this
     family takes (`family.takes(found)`) becomes its op call, or a reported miss."""
@@ -95,8 +103,7 @@ class RopePass:
                 continue
             outside = next((n for n in f.nodes if n is not f.out and any(u not in f.nodes for u in n.users)), None)
             if outside is not None:  # the rope's input (or a part of its result) is read elsewhere too
-                ctx.rejected.setdefault(f.anchor, fam.explain(f, f"{outside.name}, a value inside the rope, is also "
-                                                                 "read outside it (it would be computed twice)"))
+                ctx.rejected.setdefault(f.anchor, fam.explain(f, _outside_reason(outside, f.nodes)))
                 left.append(f.anchor)
                 continue
             try:
@@ -141,7 +148,7 @@ class RopePass:
             reason = f"the {ctx.lowering} replacement could not be built ({type(exc).__name__}: {exc})"
             log.warning("difffuse: %s: %s; left to Inductor", fam.name, reason)
             ctx.rejected.setdefault(f.anchor, reason)
-            left_by(graph, fam.name).append(f.anchor)
+            left_by(match.graph, fam.name).append(f.anchor)
             return 0
         graph = match.graph
         for n in reversed(match.nodes):  # the rope's own nodes now feed nothing

@@ -580,7 +580,7 @@ def _view_split(pos_in, shape, block: int) -> Optional[int]:
 
 def _identity_slice(node) -> bool:
     a = list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:]
-    d, start, end, step = a[:4]
+    d, start, end, step = (val(x) if isinstance(x, torch.fx.Node) else x for x in a[:4])  # sizes may be sym_size nodes
     n = val(node.args[0]).shape[d]
     return start in (0, None) and step == 1 and (end is None or statically_known_true(end >= n))
 

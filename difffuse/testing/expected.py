@@ -251,7 +251,9 @@ def wild(name: str, n: int) -> dict:
     - `wan-official`, n >= 1: block frame up to the self-attention (norm1 -> modulation: 1
       norm_scale_shift, no residual: the residual is the frame's input); q / k / v and their
       norms (2 rms_norm); `rope_apply` after `grid_sizes.tolist()`, compiled once and reused
-      for q and k: its complex128 rope fused on its own (1 rope: no norm in this graph); the attention and
+      for q and k: its complex128 rope is no site of its own (no norm in this graph) and stays,
+      reported: each `x_i` it computes is appended to a list made before the graph break, so the
+      graph also returns the fp64 value to Python (0 rope); the attention and
       `o` (1 attention); the rest of the block (norm3 and norm2 -> 2 norm_scale_shift, the
       cross-attention's q / k norms 2 rms_norm, its attention, the FFN's linear_gelu, the
       FFN gated residual returned by the frame: 1 scale_shift); the head (1 norm_scale_shift);
@@ -273,14 +275,14 @@ def wild(name: str, n: int) -> dict:
     if name in PLAIN_BLOCKS:
         return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
                 "attention": 2 * n}
-    if name == "sd35-twice":
-        return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
-                "attention": 2 * n}
+    if name == "sd35-twice":  # the first gated residual feeds the second, no norm: a scale_shift
+        return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "scale_shift": n,
+                "linear_gelu": n, "attention": 2 * n}
     if name == "allegro-axes":
         # one rope per axis (rotate_half within each third of head_dim) for q and k, no norm in front
         return {"rope": 6 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n, "attention": 2 * n}
     if name == "wan-official":
-        return {"rope": 1, "rms_norm": 4, "norm_scale_shift": 4, "scale_shift": 1, "linear_gelu": 1,
+        return {"rms_norm": 4, "norm_scale_shift": 4, "scale_shift": 1, "linear_gelu": 1,
                 "attention": 2}
     if name == "plain-graph-break":
         return {"rope": 2 * n, "rms_norm": 4, "norm_scale_shift": 3, "scale_shift": 2, "linear_gelu": 1,

@@ -40,7 +40,7 @@ Module paths are real qualified names (`named_modules`, so `blocks.2-1.norm1` fo
 The compiled side is `Report.sites()`: the module paths each match covers, and
 `Report.misses`: each reported miss with the module it was traced in. A site at path p is
 fused as often as matches cover p (a norm: any match; a modulation: norm_scale_shift
-matches that include the modulation; a rope: qk_norm_rope matches in the module the rope
+matches that include the modulation; a rope: qk_norm_rope or rope matches in the module the rope
 ran in); an unfused site is *reported* where a miss was traced in p, else *silent*.
 Honest report: per kind, sites = fused + reported (`honesty`).
 """
@@ -54,8 +54,10 @@ from torch.overrides import TorchFunctionMode
 KINDS = ("norm", "modulation", "rope")
 # families whose matches and misses are about these sites (linear_gelu is not); a scale_shift
 # miss may explain an unfused modulation, but its own sites (gated residuals) are no kind here
-SITE_FAMILIES = ("rms_norm", "norm_scale_shift", "qk_norm_rope", "scale_shift")
-NORM_ROPE_FAMILIES = ("rms_norm", "norm_scale_shift", "qk_norm_rope")  # every match / miss is at a site
+SITE_FAMILIES = ("rms_norm", "norm_scale_shift", "qk_norm_rope", "rope", "scale_shift")
+NORM_FAMILIES = ("rms_norm", "norm_scale_shift", "qk_norm_rope")
+ROPE_FAMILIES = ("qk_norm_rope", "rope")  # a rope fused with its norm, or on its own
+NORM_ROPE_FAMILIES = (*NORM_FAMILIES, "rope")  # every match / miss is at a site
 
 
 @dataclasses.dataclass
@@ -519,13 +521,13 @@ SILENT = "not fused and no miss reported in this module"
 
 def _kind_hits(report) -> dict:
     """kind -> Counter(module path -> matches of the kind's families that cover it)."""
-    covers = {"norm": lambda f, v: f in NORM_ROPE_FAMILIES, "modulation": _modulating,
-              "rope": lambda f, v: f == "qk_norm_rope"}
+    covers = {"norm": lambda f, v: f in NORM_FAMILIES, "modulation": _modulating,
+              "rope": lambda f, v: f in ROPE_FAMILIES}
     return {kind: collections.Counter(p for f, v, paths in report.sites() if covers[kind](f, v) for p in set(paths))
             for kind in KINDS}
 
 
-def coverage(eager: EagerSites, report) -> dict:
+def coverage(eager: EagerSites, report, reused: bool = False) -> dict:
     """Per kind: sites, fused, reported, silent, dead and the unfused sites {module path:
     {count, reason, reported}}.
 
@@ -534,7 +536,10 @@ def coverage(eager: EagerSites, report) -> dict:
     many as there are such misses: one miss of a norm + modulation site stands for both
     kinds), else silent. A site whose module has no node in the compiled graph is dead code
     there (its output is unused: e.g. the text stream after the last dual-stream block)
-    and is not counted. For a full-model compile (paths are relative to the compiled module)."""
+    and is not counted. For a full-model compile (paths are relative to the compiled module).
+    `reused`: frames Dynamo resumes after a graph break are compiled once and their code run
+    again for the next call of the same function (official Wan's `rope_apply`, for q then k):
+    a miss in such a graph stands for every unfused site of its module."""
     present = report.modules()
     misses: dict = {}
     for m in report.misses:
@@ -553,7 +558,7 @@ def coverage(eager: EagerSites, report) -> dict:
             unfused = n - min(n, hits[kind][p])
             if unfused:
                 reasons = misses.get(p, [])
-                reported = min(unfused, len(reasons))
+                reported = min(unfused, unfused if reused and reasons else len(reasons))
                 entry["reported"] += reported
                 entry["silent"] += unfused - reported
                 entry["missed"][p] = {"count": unfused, "reported": reported,
@@ -562,13 +567,13 @@ def coverage(eager: EagerSites, report) -> dict:
     return table
 
 
-def honesty(eager: EagerSites, report) -> dict:
+def honesty(eager: EagerSites, report, reused: bool = False) -> dict:
     """The report checked against the eager sites: per kind {sites, fused, reported, silent}
     (honest: sites == fused + reported, silent == 0), plus the report's own claims that no
     eager site backs: `stray_misses` (misses of rms_norm / norm_scale_shift / qk_norm_rope
     traced in a module with no site of any kind) and `phantom_matches` (their matches that
     cover no norm or rope site)."""
-    table = coverage(eager, report)
+    table = coverage(eager, report, reused)
     paths = {p for kind in KINDS for p in eager.counter(kind)}
     stray = [(m.family, m.module, m.reason) for m in report.misses
              if m.family in NORM_ROPE_FAMILIES and m.module not in paths]
