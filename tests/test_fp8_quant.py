@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import difffuse
-from conftest import DEVICE
+from conftest import DEVICE, compile_and_run  # noqa: F401  (the subprocess test uses it)
 from difffuse.lowering import cuda, ops
 
 BF16, F32, E4M3 = torch.bfloat16, torch.float32, torch.float8_e4m3fn
@@ -28,10 +28,10 @@ def quant(x, dims=(-1,), div=448.0, lo=-448.0, hi=448.0, dt=E4M3, clamp_amax=Fal
     return q.to(dt), scale
 
 
-def formula(y):
+def formula(y, per_row=True):
     """docs/fp8.md §5: what the fused op computes from the op's rounded output y."""
     yf = y.float()
-    amax = yf.abs().amax(-1, keepdim=True)
+    amax = yf.abs().amax(-1 if per_row else tuple(range(y.ndim)), keepdim=True)
     s = amax * torch.tensor(1 / 448, dtype=torch.float32)
     s = torch.where(amax == 0, torch.ones_like(s), s)
     return (yf / s).clamp(-448, 448).to(E4M3), s
@@ -163,7 +163,6 @@ NEAR_MISSES = {
     "amax-clamped": (dict(clamp_amax=True), "amax is clamped"),
     "no-clamp": (dict(clamp=False), "not preceded by clamp"),
     "other-clamp": (dict(lo=-400.0, hi=400.0), "clamps to +-448"),
-    "per-tensor": (dict(dims=(0, 1, 2)), "per-tensor quantisation: not fused yet"),
 }
 
 
@@ -176,6 +175,22 @@ def test_near_misses_are_reported_not_fused(run_compiled, case):
     found = misses(rep)
     assert found and all(reason in r for r in found), found
     assert rep.matches().get("norm_scale_shift") == 1  # the norm itself still fuses
+
+
+@pytest.mark.parametrize("lowering", ["reference", "cuda"])
+@pytest.mark.parametrize("batch,dims", [(2, (0, 1, 2)), (1, (1, 2))])
+def test_per_tensor_fused(run_compiled, lowering, batch, dims):
+    """torchao's PerTensor: amax over every dim of size > 1 ([1, 2] for one sample, as the
+    probe's graph has it); one scale [1, 1, 1] for the readers; the zero tensor's scale 1."""
+    x, scale, shift = inputs()
+    x, scale, shift = x[:batch].to(DEVICE), scale[:batch].to(DEVICE), shift[:batch].to(DEVICE)
+    out, rep = run_compiled(NormQKV(readers=2, dims=dims), x, scale, shift, options={"lowering": lowering})
+    assert rep.variants().get("fp8_quant:norm_scale_shift/tensor") == 1 and not misses(rep), str(rep)
+    plain, _ = run_compiled(NormQKV(readers=1, keep_y=True, dims=dims), x, scale, shift,
+                            options={"lowering": lowering, "patterns": ["norm_scale_shift"]})
+    want = deq(*formula(plain[1] / 2, per_row=False))
+    for o in out:
+        torch.testing.assert_close(o, want, rtol=0, atol=0)
 
 
 def test_quantised_graph_input_is_reported(run_compiled):
@@ -265,6 +280,28 @@ def test_fp8_kernels_match_plain_kernels(store_y):
     _check_kernel(y_plain, y, q, s, store_y)
 
 
+def test_fp8_kernels_per_tensor():
+    """per_row=False: the kernel's y and row amax, then the tensor's scale and cast."""
+    g = torch.Generator().manual_seed(2)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    x = (r(2, 5, 40) * torch.exp(r(2, 5, 1))).to(BF16)
+    sc, sh = r(2, 1, 40), r(2, 1, 40)
+    args = (x, r(2, 5, 40).to(BF16), None, r(40), None, sc, sh, 1e-6, 1.0, True, BF16, BF16)
+    y_plain, r_plain = cuda.IMPLS["norm_scale_shift"](*args)
+    y, r_out, q, s = cuda.fp8_quant("norm_scale_shift", dict(zip(NSS, args)), False, False)
+    q_want, s_want = formula(y_plain, per_row=False)
+    assert s.shape == (1, 1, 1) and torch.equal(s, s_want) and torch.equal(r_out, r_plain)
+    assert torch.equal(q.view(torch.uint8), q_want.view(torch.uint8))
+    w = r(40).to(BF16)
+    y_plain = cuda.IMPLS["rms_norm"](x, w, 1e-6, BF16)
+    _, _, q, s = cuda.fp8_quant("rms_norm", dict(x=x, weight=w, eps=1e-6, out_dtype=BF16), True, False)
+    q_want, s_want = formula(y_plain, per_row=False)
+    assert torch.equal(s, s_want) and torch.equal(q.view(torch.uint8), q_want.view(torch.uint8))
+    zero = torch.zeros_like(x)
+    _, _, q, s = cuda.fp8_quant("scale_shift", dict(a=zero, b=sc, c=None, k=1.0, out_dtype=BF16), False, False)
+    assert s.item() == 1.0 and (q.float() == 0).all()
+
+
 NSS = ("x", "residual", "gate", "weight", "bias", "scale", "shift", "eps", "k", "is_rms", "residual_dtype",
        "out_dtype")
 
@@ -284,3 +321,37 @@ def test_cuda_lowering_compiled(run_compiled):
     want = _interp_cast((yf / s).clamp(-448, 448)).float() * s
     for o in out:
         torch.testing.assert_close(o, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU test_cuda_lowering_compiled runs this path for real")
+def test_cuda_triton_kernel_node_is_read_back():
+    """Without the interpreter the CUDA lowering's replacements are Inductor's
+    user-defined-Triton-kernel nodes (triton_kernel_wrapper_functional): the family reads the
+    norm kernel's launch back from that node and emits the fp8 twin's. Runs on a CPU in a
+    subprocess: the pass runs, then Inductor fails to build the kernels with no GPU driver."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, difffuse
+        from difffuse.lowering import cuda
+        cuda.INTERPRET = True  # the device rule only: replacements are still traced functionalized
+        torch._inductor.config.fx_graph_cache = False
+        import test_fp8_quant as t
+        x, scale, shift = t.inputs()
+        try:
+            t.compile_and_run(t.NormQKV(), x, scale, shift, options={"lowering": "cuda"})
+        except Exception:
+            pass  # no driver to build the Triton kernels after the pass
+        rep = difffuse.report()
+        print(rep)
+        print("VARIANTS", rep.variants(), "MISSES", len(rep.misses))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join([here, os.path.dirname(here), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=here)
+    assert "fp8_quant -> triton:norm_scale_shift_fp8_kernel x1" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert "'fp8_quant:norm_scale_shift/row': 1" in res.stdout and "MISSES 0" in res.stdout, res.stdout

@@ -258,27 +258,39 @@ def supports(site) -> Optional[str]:
 from .sites import FP8QuantSite  # noqa: E402
 
 
-def fp8_quant(family: str, args: dict, store_y: bool) -> tuple:
-    """The fp8 twin of `family`'s op on its own arguments (by name): (y | empty, r | None, q, s)."""
+def fp8_quant(family: str, args: dict, store_y: bool, per_row: bool = True) -> tuple:
+    """The fp8 twin of `family`'s op on its own arguments (by name): (y | empty, r | None, q, s).
+    Per row: q and s from the kernel. Per tensor: the kernel writes y and each row's amax;
+    the tensor's scale and the cast are torch ops here, which Inductor compiles (one small
+    reduction and one pointwise kernel: the separate amax pass over y is what is saved)."""
+    keep_y = store_y or not per_row
     if family == "rms_norm":
-        y, q, s = tk.rms_norm_fp8(args["x"], args["weight"], args["eps"], args["out_dtype"], store_y)
-        return y, None, q, s
-    if family == "scale_shift":
-        y, q, s = tk.scale_shift_fp8(args["a"], args["b"], args["c"], args["k"], args["out_dtype"], store_y)
-        return y, None, q, s
-    a = dict(args)
-    x, rdtype = a["x"], a["residual_dtype"]
-    modulate_only = a["residual"] is None and a["gate"] is None and torch.promote_types(x.dtype, rdtype) == rdtype
-    y, r, q, s = tk.norm_scale_shift_fp8(**a, store_r=not modulate_only, store_y=store_y)
-    return y, (x.to(rdtype) if modulate_only else r), q, s
+        y, q, s = tk.rms_norm_fp8(args["x"], args["weight"], args["eps"], args["out_dtype"], keep_y, per_row)
+        r = None
+    elif family == "scale_shift":
+        y, q, s = tk.scale_shift_fp8(args["a"], args["b"], args["c"], args["k"], args["out_dtype"], keep_y, per_row)
+        r = None
+    else:
+        a = dict(args)
+        x, rdtype = a["x"], a["residual_dtype"]
+        modulate_only = a["residual"] is None and a["gate"] is None and torch.promote_types(x.dtype, rdtype) == rdtype
+        y, r, q, s = tk.norm_scale_shift_fp8(**a, store_r=not modulate_only, store_y=keep_y, per_row=per_row)
+        r = x.to(rdtype) if modulate_only else r
+    if not per_row:
+        from .ops import FP8_INV_MAX, FP8_MAX
+
+        amax = s.amax().reshape((1,) * y.ndim)  # every row's amax (exact in any order), NaN kept
+        s = torch.where(amax == 0, torch.ones_like(amax), amax * FP8_INV_MAX)
+        q = (y.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return y, r, q, s
 
 
 IMPLS["fp8_quant"] = fp8_quant
 
 
 def _fp8_quant(site: FP8QuantSite) -> Optional[str]:
-    if site.granularity != "row":
-        return f"{site.granularity} quantisation: the fused kernels quantise per row only"
+    if site.granularity not in ("row", "tensor"):
+        return f"{site.granularity} quantisation: the fused kernels quantise per row or per tensor"
     rule = _RULES.get(type(site.inner))
     reason = rule(site.inner) if rule else f"no CUDA kernel for {site.inner.FAMILY}"
     if reason:

@@ -350,83 +350,91 @@ REFERENCE.update({
 # ======================================================================================
 # float8 activation quantisation fused into the op before it (issue 29, docs/fp8.md §5):
 # the op computes its output y as the plain op does (rounded to out_dtype), then per row
+# (per_row) or over the whole tensor
 #     amax = max |y|                       over the out_dtype-rounded values, in fp32
 #     s    = amax * fp32(1/448)            fp32; 1.0 where amax == 0 (torchao: 0 -> NaN)
 #     q    = float8_e4m3fn(clamp(y / s, -448, 448))   round to nearest even
-# and returns (y or an empty tensor when store_y is False, [r,] q [.., D], s [.., 1] fp32).
-# This is what Inductor compiles torchao 0.18's quantisation of a bf16 tensor from memory
-# into on a GPU (the constant divisor becomes a multiply by its fp32 reciprocal and the bf16
-# scale is not rounded), so the fused result equals the unfused one.
+# and returns (y or an empty tensor when store_y is False, [r,] q like y, s fp32 [.., 1]
+# per row or [1, .., 1] per tensor). This is what Inductor compiles torchao 0.18's
+# quantisation of a bf16 tensor from memory into on a GPU (the constant divisor becomes a
+# multiply by its fp32 reciprocal and the bf16 scale is not rounded), so the fused result
+# equals the unfused one.
 # ======================================================================================
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 FP8_INV_MAX = 1.0 / 448.0
 
 
-def fp8_row_quant_ref(y: Tensor) -> tuple[Tensor, Tensor]:
-    """(q, s) of y's rows as above: q float8_e4m3fn like y, s fp32 [.., 1]."""
+def fp8_quant_ref(y: Tensor, per_row: bool = True) -> tuple[Tensor, Tensor]:
+    """(q, s) of y as above: q float8_e4m3fn like y, s fp32 [.., 1] or [1, .., 1]."""
     yf = y.float()
-    amax = yf.abs().amax(-1, keepdim=True)
+    amax = yf.abs().amax(-1 if per_row else tuple(range(y.ndim)), keepdim=True)
     s = amax * torch.tensor(FP8_INV_MAX, dtype=torch.float32)
     s = torch.where(amax == 0, torch.ones_like(s), s)
     q = (yf / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.contiguous(), s.contiguous()
 
 
+def fp8_row_quant_ref(y: Tensor) -> tuple[Tensor, Tensor]:
+    return fp8_quant_ref(y, True)
+
+
 def _y_out(y: Tensor, store_y: bool) -> Tensor:
     return y.contiguous() if store_y else y.new_empty((0,))
+
+
+def _fp8_fake(y: Tensor, store_y: bool, per_row: bool) -> tuple[Tensor, Tensor, Tensor]:
+    s_shape = (*y.shape[:-1], 1) if per_row else (1,) * y.ndim
+    return ((y if store_y else y.new_empty((0,))), y.new_empty(y.shape, dtype=torch.float8_e4m3fn),
+            y.new_empty(s_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op(f"{LIB}::norm_scale_shift_fp8", mutates_args=())
 def norm_scale_shift_fp8(
     x: Tensor, residual: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
     scale: Optional[Tensor], shift: Optional[Tensor], eps: float, k: float, is_rms: bool,
-    residual_dtype: torch.dtype, out_dtype: torch.dtype, store_y: bool,
+    residual_dtype: torch.dtype, out_dtype: torch.dtype, store_y: bool, per_row: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """difffuse::norm_scale_shift, its output quantised per row: (y | empty, r, q, s)."""
+    """difffuse::norm_scale_shift, its output quantised: (y | empty, r, q, s)."""
     y, r = norm_scale_shift_ref(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, residual_dtype,
                                 out_dtype)
-    q, s = fp8_row_quant_ref(y)
+    q, s = fp8_quant_ref(y, per_row)
     return _y_out(y, store_y), r.contiguous(), q, s
 
 
 @norm_scale_shift_fp8.register_fake
-def _(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, residual_dtype, out_dtype, store_y):
+def _(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms, residual_dtype, out_dtype, store_y, per_row=True):
     y, r = torch.ops.difffuse.norm_scale_shift.default(x, residual, gate, weight, bias, scale, shift, eps, k, is_rms,
                                                        residual_dtype, out_dtype)
-    return (y if store_y else y.new_empty((0,))), r, y.new_empty(y.shape, dtype=torch.float8_e4m3fn), \
-        y.new_empty((*y.shape[:-1], 1), dtype=torch.float32)
+    y_out, q, s = _fp8_fake(y, store_y, per_row)
+    return y_out, r, q, s
 
 
 @torch.library.custom_op(f"{LIB}::rms_norm_fp8", mutates_args=())
 def rms_norm_fp8(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype,
-                 store_y: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """difffuse::rms_norm, its output quantised per row: (y | empty, q, s)."""
+                 store_y: bool, per_row: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """difffuse::rms_norm, its output quantised: (y | empty, q, s)."""
     y = rms_norm_ref(x, weight, eps, out_dtype)
-    q, s = fp8_row_quant_ref(y)
+    q, s = fp8_quant_ref(y, per_row)
     return _y_out(y, store_y), q, s
 
 
 @rms_norm_fp8.register_fake
-def _(x, weight, eps, out_dtype, store_y):
-    y = torch.ops.difffuse.rms_norm.default(x, weight, eps, out_dtype)
-    return (y if store_y else y.new_empty((0,))), y.new_empty(y.shape, dtype=torch.float8_e4m3fn), \
-        y.new_empty((*y.shape[:-1], 1), dtype=torch.float32)
+def _(x, weight, eps, out_dtype, store_y, per_row=True):
+    return _fp8_fake(torch.ops.difffuse.rms_norm.default(x, weight, eps, out_dtype), store_y, per_row)
 
 
 @torch.library.custom_op(f"{LIB}::scale_shift_fp8", mutates_args=())
 def scale_shift_fp8(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype,
-                    store_y: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """difffuse::scale_shift, its output quantised per row: (y | empty, q, s)."""
+                    store_y: bool, per_row: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """difffuse::scale_shift, its output quantised: (y | empty, q, s)."""
     y = scale_shift_ref(a, b, c, k, out_dtype)
-    q, s = fp8_row_quant_ref(y)
+    q, s = fp8_quant_ref(y, per_row)
     return _y_out(y, store_y), q, s
 
 
 @scale_shift_fp8.register_fake
-def _(a, b, c, k, out_dtype, store_y):
-    y = torch.ops.difffuse.scale_shift.default(a, b, c, k, out_dtype)
-    return (y if store_y else y.new_empty((0,))), y.new_empty(y.shape, dtype=torch.float8_e4m3fn), \
-        y.new_empty((*y.shape[:-1], 1), dtype=torch.float32)
+def _(a, b, c, k, out_dtype, store_y, per_row=True):
+    return _fp8_fake(torch.ops.difffuse.scale_shift.default(a, b, c, k, out_dtype), store_y, per_row)
 
 
 # the fp8 twin of each op whose output the fp8_quant family quantises
@@ -437,10 +445,10 @@ FP8_OPS = {
 }
 
 
-def fp8_quant_reference(family: str, args: dict, store_y: bool) -> tuple:
+def fp8_quant_reference(family: str, args: dict, store_y: bool, per_row: bool = True) -> tuple:
     """The fp8_quant family's call: `family`'s fp8 twin on the op's own arguments (by
     name); returns (y | empty, r | None, q, s)."""
-    out = FP8_OPS[family](**args, store_y=store_y)
+    out = FP8_OPS[family](**args, store_y=store_y, per_row=per_row)
     return (out[0], out[1], out[2], out[3]) if family == "norm_scale_shift" else (out[0], None, out[1], out[2])
 
 

@@ -472,23 +472,28 @@ def _nan_max(a, b):
 
 
 @triton.jit
-def _fp8_row(yo, m, Q, S, row, D: tl.constexpr):
-    """Quantise one row `yo` (already rounded to the op's out dtype) into Q[row], S[row]."""
+def _fp8_row(yo, m, Q, S, row, D: tl.constexpr, PER_ROW: tl.constexpr):
+    """Quantise one row `yo` (already rounded to the op's out dtype) into Q[row], S[row];
+    not PER_ROW: only the row's amax into S[row] (the caller reduces them to the tensor's)."""
     yf = yo.to(tl.float32)
     amax = tl.reduce(tl.where(m, tl.abs(yf), 0.0), 0, _nan_max)
-    s = amax * 0.002232142857142857
-    s = tl.where(amax == 0.0, 1.0, s)
-    q = yf / s
-    q = tl.where((q > -448.0) | (q != q), q, -448.0)
-    q = tl.where((q < 448.0) | (q != q), q, 448.0)
-    cols = tl.arange(0, yo.shape[0])
-    tl.store(Q + row * D + cols, q.to(Q.dtype.element_ty), mask=m)
-    tl.store(S + row, s)
+    if PER_ROW:
+        s = amax * 0.002232142857142857
+        s = tl.where(amax == 0.0, 1.0, s)
+        q = yf / s
+        q = tl.where((q > -448.0) | (q != q), q, -448.0)
+        q = tl.where((q < 448.0) | (q != q), q, 448.0)
+        cols = tl.arange(0, yo.shape[0])
+        tl.store(Q + row * D + cols, q.to(Q.dtype.element_ty), mask=m)
+        tl.store(S + row, s)
+    else:
+        tl.store(S + row, amax)
 
 
 @triton.jit
 def rms_norm_fp8_kernel(X, W, Y, Q, S, N1, N2, sx0, sx1, sx2, sxd, swd, eps, D: tl.constexpr,
-                        HAS_W: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+                        HAS_W: tl.constexpr, LEAD: tl.constexpr, BLOCK: tl.constexpr, STORE_Y: tl.constexpr,
+                        PER_ROW: tl.constexpr):
     """rms_norm_kernel, then its row quantised (_fp8_row)."""
     eps = tl.cast(eps, tl.float32)
     row, i0, i1, i2 = _row(N1, N2, LEAD)
@@ -501,13 +506,14 @@ def rms_norm_fp8_kernel(X, W, Y, Q, S, N1, N2, sx0, sx1, sx2, sxd, swd, eps, D: 
     yo = y.to(Y.dtype.element_ty)
     if STORE_Y:
         tl.store(Y + row * D + cols, yo, mask=m)
-    _fp8_row(yo, m, Q, S, row, D)
+    _fp8_row(yo, m, Q, S, row, D, PER_ROW)
 
 
 @triton.jit
 def scale_shift_fp8_kernel(A, B, C, Y, Q, S, N1, N2, sa0, sa1, sa2, sad, sb0, sb1, sb2, sbd,
                            sc0, sc1, sc2, scd, k, D: tl.constexpr, HAS_C: tl.constexpr, LEAD: tl.constexpr,
-                           BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+                           BLOCK: tl.constexpr, STORE_Y: tl.constexpr,
+        PER_ROW: tl.constexpr):
     """scale_shift_kernel, then its row quantised (_fp8_row)."""
     k = tl.cast(k, tl.float32)
     row, i0, i1, i2 = _row(N1, N2, LEAD)
@@ -521,7 +527,7 @@ def scale_shift_fp8_kernel(A, B, C, Y, Q, S, N1, N2, sa0, sa1, sa2, sad, sb0, sb
     yo = y.to(Y.dtype.element_ty)
     if STORE_Y:
         tl.store(Y + row * D + cols, yo, mask=m)
-    _fp8_row(yo, m, Q, S, row, D)
+    _fp8_row(yo, m, Q, S, row, D, PER_ROW)
 
 
 @triton.jit
@@ -531,7 +537,8 @@ def norm_scale_shift_fp8_kernel(
         ss0, ss1, ss2, ssd, sh0, sh1, sh2, shd, swd, sbd, eps, k, D: tl.constexpr,
         HAS_RES: tl.constexpr, HAS_G: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_SC: tl.constexpr, HAS_SH: tl.constexpr, IS_RMS: tl.constexpr, STORE_R: tl.constexpr,
-        LEAD: tl.constexpr, BLOCK: tl.constexpr, STORE_Y: tl.constexpr):
+        LEAD: tl.constexpr, BLOCK: tl.constexpr, STORE_Y: tl.constexpr,
+        PER_ROW: tl.constexpr):
     """norm_scale_shift_kernel, then its row quantised (_fp8_row)."""
     eps = tl.cast(eps, tl.float32)
     k = tl.cast(k, tl.float32)
@@ -565,43 +572,47 @@ def norm_scale_shift_fp8_kernel(
     yo = n.to(OUT.dtype.element_ty)
     if STORE_Y:
         tl.store(OUT + row * D + cols, yo, mask=m)
-    _fp8_row(yo, m, Q, S, row, D)
+    _fp8_row(yo, m, Q, S, row, D, PER_ROW)
 
 
-def _fp8_outputs(shape, out_dtype, device, store_y: bool):
+def _fp8_outputs(shape, out_dtype, device, store_y: bool, per_row: bool):
+    """y (empty unless stored), q (empty unless per row), s: the row scales, or per tensor
+    the rows' amax (fp32 [.., 1] either way)."""
     y = torch.empty(shape if store_y else (0,), dtype=out_dtype, device=device)
-    q = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
+    q = torch.empty(shape if per_row else (0,), dtype=torch.float8_e4m3fn, device=device)
     s = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=device)
     return y, q, s
 
 
 @triton_op("difffuse::triton_rms_norm_fp8", mutates_args=())
 def rms_norm_fp8(x: Tensor, weight: Optional[Tensor], eps: float, out_dtype: torch.dtype,
-                 store_y: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 store_y: bool, per_row: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     shape = torch.broadcast_shapes(x.shape, weight.shape) if weight is not None else x.shape
-    y, q, s = _fp8_outputs(shape, out_dtype, x.device, store_y)
+    y, q, s = _fp8_outputs(shape, out_dtype, x.device, store_y, per_row)
     if empty(shape):
         return y, q, s
     d = shape[-1]
     b = block(d)
     sizes, (sx,), lead = index_plan(shape, [x])
     launch(rms_norm_fp8_kernel, (rows(shape),), x, weight, y, q, s, *sizes, *sx, vstride(weight), eps, D=d,
-           HAS_W=weight is not None, LEAD=lead, BLOCK=b, STORE_Y=store_y, num_warps=warps(b, "rms_norm"))
+           HAS_W=weight is not None, LEAD=lead, BLOCK=b, STORE_Y=store_y, PER_ROW=per_row,
+           num_warps=warps(b, "rms_norm"))
     return y, q, s
 
 
 @triton_op("difffuse::triton_scale_shift_fp8", mutates_args=())
 def scale_shift_fp8(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dtype: torch.dtype,
-                    store_y: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    store_y: bool, per_row: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     shape = torch.broadcast_shapes(a.shape, b.shape, *([c.shape] if c is not None else []))
-    y, q, s = _fp8_outputs(shape, out_dtype, a.device, store_y)
+    y, q, s = _fp8_outputs(shape, out_dtype, a.device, store_y, per_row)
     if empty(shape):
         return y, q, s
     d = shape[-1]
     bl = block(d)
     sizes, (sa, sb, sc), lead = index_plan(shape, [a, b, c])
     launch(scale_shift_fp8_kernel, (rows(shape),), a, b, c, y, q, s, *sizes, *sa, *sb, *sc, k, D=d,
-           HAS_C=c is not None, LEAD=lead, BLOCK=bl, STORE_Y=store_y, num_warps=warps(bl, "scale_shift"))
+           HAS_C=c is not None, LEAD=lead, BLOCK=bl, STORE_Y=store_y, PER_ROW=per_row,
+           num_warps=warps(bl, "scale_shift"))
     return y, q, s
 
 
@@ -609,11 +620,11 @@ def scale_shift_fp8(a: Tensor, b: Tensor, c: Optional[Tensor], k: float, out_dty
 def norm_scale_shift_fp8(x: Tensor, residual: Optional[Tensor], gate: Optional[Tensor], weight: Optional[Tensor],
                          bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor], eps: float,
                          k: float, is_rms: bool, residual_dtype: torch.dtype, out_dtype: torch.dtype,
-                         store_r: bool, store_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y | empty, r | empty (not store_r), q, s); y's shape is the residual's (the CUDA
-    rule takes no modulation that widens it)."""
+                         store_r: bool, store_y: bool, per_row: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y | empty, r | empty (not store_r), q, s) as `_fp8_outputs` says; y's shape is the
+    residual's (the CUDA rule takes no modulation that widens it)."""
     shape = torch.broadcast_shapes(*[t.shape for t in (x, residual, gate) if t is not None])
-    y, q, s = _fp8_outputs(shape, out_dtype, x.device, store_y)
+    y, q, s = _fp8_outputs(shape, out_dtype, x.device, store_y, per_row)
     r = torch.empty(shape if store_r else (0,), dtype=residual_dtype, device=x.device)
     if empty(shape):
         return y, r, q, s
@@ -625,6 +636,6 @@ def norm_scale_shift_fp8(x: Tensor, residual: Optional[Tensor], gate: Optional[T
            *ss, *sh, vstride(weight), vstride(bias), eps, k, D=d,
            HAS_RES=residual is not None, HAS_G=gate is not None, HAS_W=weight is not None,
            HAS_BIAS=bias is not None, HAS_SC=scale is not None, HAS_SH=shift is not None,
-           IS_RMS=is_rms, STORE_R=store_r, LEAD=lead, BLOCK=bl, STORE_Y=store_y,
+           IS_RMS=is_rms, STORE_R=store_r, LEAD=lead, BLOCK=bl, STORE_Y=store_y, PER_ROW=per_row,
            num_warps=warps(bl, "norm_scale_shift" if store_r else "norm_modulate"))
     return y, r, q, s

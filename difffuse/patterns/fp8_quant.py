@@ -2,7 +2,7 @@
 whose output it quantises (issue 29; docs/fp8.md has the graph form and the numerics).
 
 torchao 0.18 (`Float8DynamicActivationFloat8WeightConfig`, the "torch" kernel path)
-quantises each fp8 Linear's input y per row as this post-grad chain:
+quantises each fp8 Linear's input y per row (or per tensor) as this post-grad chain:
 
     c   = convert(y, float32)                       (absent when y is fp32)
     m   = amax(abs(y), [last dim], keepdim=True)    in y's dtype
@@ -20,8 +20,14 @@ except that a row of zeros gets s = 1.0 (q = 0) where torchao gives s = 0 and Na
 
 Every fp8 cast the pass sees is matched or reported with its reason: another fp8 format
 (e5m2), other constants, a clamp on the amax (torchao's activation_value_lb/ub), an amax
-over all dims (per tensor: not fused yet) or other dims, a chain not reading a difffuse op's
-output (a GELU after `_scaled_mm`, a graph input), or a lowering with no fp8 kernel.
+over other dims, a chain not reading a difffuse op's output (a GELU after `_scaled_mm`, a
+graph input), or a lowering with no fp8 kernel.
+
+Per tensor (`amax` over every dim of size > 1, scale [1, .., 1]): the same twin with
+per_row=False. Its scale needs the whole tensor's amax before any value is cast, so y is
+still written; the CUDA kernel writes each row's amax beside it, and the tensor's scale and
+the cast are a small reduction and one pointwise kernel (Inductor's). What that saves is the
+separate pass that reads y back for its amax.
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import torch
 
 from .common import (CONVERT, Family, PassContext, aten, inserted, inserted_by, is_number, module_paths, spec,
                      typed_site, val, zero_size_reason)
-from ..lowering.sites import FP8QuantSite
+from ..lowering.sites import FP8QuantSite, known
 
 log = logging.getLogger("difffuse")
 
@@ -130,17 +136,20 @@ def prove_chain(q8: torch.fx.Node) -> Chain | str:
     if not isinstance(yv, torch.Tensor) or yv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"the quantised tensor is {getattr(yv, 'dtype', yv)}, not fp16/bf16/fp32"
     nd = yv.ndim
-    dims = sorted(d % nd for d in dims) if nd else dims
-    if not keep:
-        return "amax without keepdim: not torchao's scale"
-    if dims == [nd - 1]:
-        gran = "row"
-    elif dims == list(range(nd)):
-        gran = "tensor"
-    else:
-        return f"amax over dims {dims} of a {nd}-d tensor: neither per row (the last dim) nor per tensor"
     if nd < 1:
         return "a 0-d tensor"
+    dims = sorted({d % nd for d in dims})
+    if not keep:
+        return "amax without keepdim: not torchao's scale"
+    # torchao reduces the dims whose block size is not 1: a dim of size 1 may be in or out
+    one = [known(size == 1) for size in yv.shape]
+    if nd - 1 in dims and all(one[d] for d in dims if d != nd - 1):
+        gran = "row"
+    elif all(one[d] for d in range(nd) if d not in dims):
+        gran = "tensor"
+    else:
+        return (f"amax over dims {dims} of a tensor of shape {tuple(yv.shape)}: neither per row (the last dim) "
+                f"nor per tensor")
     return Chain(y, q8, s, gran, nodes)
 
 
@@ -245,8 +254,6 @@ class FP8QuantFamily(Family):
         """The site a group of chains reading y becomes, or why not (never raises)."""
         try:
             gran = chains[0].granularity
-            if gran != "row":
-                return "per-tensor quantisation: not fused yet (the scale needs the whole tensor's amax first)"
             found = read_producer(y, ctx)
             if isinstance(found, str):
                 return found
@@ -261,7 +268,8 @@ class FP8QuantFamily(Family):
             reason = ctx.supports(record)
             if reason:
                 return f"{ctx.lowering} lowering does not take it: {reason}"
-            return {"family": family, "args": args, "outs": outs, "node": node, "store_y": store_y, "dead": dead}
+            return {"family": family, "args": args, "outs": outs, "node": node, "store_y": store_y, "dead": dead,
+                    "per_row": gran == "row"}
         except Exception as exc:  # noqa: BLE001  (a bad site is a miss, never an aborted pass)
             log.warning("difffuse: fp8_quant check failed on a site (%s: %s); left to Inductor", type(exc).__name__, exc)
             return f"internal error in the fp8_quant check ({type(exc).__name__}: {exc}); left to Inductor"
@@ -270,13 +278,13 @@ class FP8QuantFamily(Family):
         """Trace the fp8 twin's call (as the lowering traces replacements); no graph change."""
         from torch._inductor.pattern_matcher import fwd_only
 
-        args, family, store_y = site["args"], site["family"], site["store_y"]
+        args, family, store_y, per_row = site["args"], site["family"], site["store_y"], site["per_row"]
         names = [k for k, v in args.items() if isinstance(v, torch.fx.Node)]
         impl = ctx.impl(self.name)
         has_r = family == "norm_scale_shift"
 
         def fused(*tensors):
-            y, r, q, s = impl(family, {**args, **dict(zip(names, tensors))}, store_y)
+            y, r, q, s = impl(family, {**args, **dict(zip(names, tensors))}, store_y, per_row)
             return (y, r, q, s) if has_r else (y, q, s)
 
         trace = getattr(ctx.module, "trace_replacement", None) or fwd_only
@@ -343,7 +351,10 @@ class _FP8Pass:
             groups.setdefault((chain.y, chain.granularity), []).append(chain)
         done = 0
         for (y, gran), chains in groups.items():
-            site = fam.site(y, chains, ctx)
+            if getattr(y, "_erased", False):  # y's op was rewritten for its other granularity's readers
+                site = "the tensor is also quantised with the other granularity, whose readers were fused"
+            else:
+                site = fam.site(y, chains, ctx)
             if isinstance(site, str):
                 for c in chains:
                     ctx.rejected.setdefault(c.q8, site)
