@@ -119,6 +119,7 @@ def test_norm_modulation_three_readers_quantised_once(run_compiled, keep_y):
     assert fused_report(rep) == 1 and not misses(rep), str(rep)
     assert rep.variants() .get("fp8_quant:norm_scale_shift/row") == 1
     assert "fp8_quant -> difffuse::norm_scale_shift_fp8 x1" in str(rep)
+    assert "fp8_quant: 3 quantisations fused into 1 calls" in str(rep)
     # against the formula on y as the plain norm_scale_shift op computes it in the compiled graph
     plain, _ = run_compiled(NormQKV(readers=1, keep_y=True), x, scale, shift, options={"patterns": ["norm_scale_shift"]})
     y = plain[1] / 2
@@ -177,8 +178,7 @@ def test_near_misses_are_reported_not_fused(run_compiled, case):
     assert rep.matches().get("norm_scale_shift") == 1  # the norm itself still fuses
 
 
-@pytest.mark.parametrize("lowering", ["reference", "cuda"])
-@pytest.mark.parametrize("batch,dims", [(2, (0, 1, 2)), (1, (1, 2))])
+@pytest.mark.parametrize("lowering,batch,dims", [("reference", 2, (0, 1, 2)), ("cuda", 1, (1, 2))])
 def test_per_tensor_fused(run_compiled, lowering, batch, dims):
     """torchao's PerTensor: amax over every dim of size > 1 ([1, 2] for one sample, as the
     probe's graph has it); one scale [1, 1, 1] for the readers; the zero tensor's scale 1."""
@@ -201,6 +201,20 @@ def test_quantised_graph_input_is_reported(run_compiled):
     out, rep = run_compiled(Q(), inputs()[0])
     assert fused_report(rep) == 0
     assert any("not the output of a difffuse norm or modulation op" in r for r in misses(rep)), misses(rep)
+
+
+def test_quantised_cast_of_fused_output_is_reported(run_compiled):
+    """The op's fp32 output read twice, once rounded to fp16 and quantised: the cast is the
+    model's, not the op's output, so it is a reported miss (with what it is)."""
+    class C(torch.nn.Module):
+        def forward(self, x, scale, shift):
+            h = torch.nn.functional.layer_norm(x.float(), (32,), eps=1e-6) * (1 + scale) + shift
+            return deq(*quant(h.to(torch.float16))), h
+
+    out, rep = run_compiled(C(), *inputs())
+    assert fused_report(rep) == 0 and rep.matches().get("norm_scale_shift") == 1
+    assert misses(rep) == ["the quantised tensor is a cast to torch.float16 of difffuse's norm_scale_shift output, "
+                           "not the op's output itself"]
 
 
 def test_lowering_without_fp8_kernel_reports(monkeypatch, run_compiled):
@@ -328,7 +342,7 @@ def test_cuda_triton_kernel_node_is_read_back():
     """Without the interpreter the CUDA lowering's replacements are Inductor's
     user-defined-Triton-kernel nodes (triton_kernel_wrapper_functional): the family reads the
     norm kernel's launch back from that node and emits the fp8 twin's. Runs on a CPU in a
-    subprocess: the pass runs, then Inductor fails to build the kernels with no GPU driver."""
+    subprocess, stopped once the pass has recorded (with no GPU driver Inductor cannot build the kernels)."""
     import os
     import subprocess
     import sys
@@ -337,14 +351,22 @@ def test_cuda_triton_kernel_node_is_read_back():
     code = textwrap.dedent("""
         import torch, difffuse
         from difffuse.lowering import cuda
+        from difffuse.fusion_pass import pass_manager
         cuda.INTERPRET = True  # the device rule only: replacements are still traced functionalized
         torch._inductor.config.fx_graph_cache = False
+        run = pass_manager.DifffusePass.__call__
+
+        def stop_after_pass(self, graph):  # no driver to build the kernels: stop once recorded
+            run(self, graph)
+            raise KeyboardInterrupt
+
+        pass_manager.DifffusePass.__call__ = stop_after_pass
         import test_fp8_quant as t
         x, scale, shift = t.inputs()
         try:
             t.compile_and_run(t.NormQKV(), x, scale, shift, options={"lowering": "cuda"})
-        except Exception:
-            pass  # no driver to build the Triton kernels after the pass
+        except KeyboardInterrupt:
+            pass
         rep = difffuse.report()
         print(rep)
         print("VARIANTS", rep.variants(), "MISSES", len(rep.misses))

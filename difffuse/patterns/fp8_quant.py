@@ -180,6 +180,9 @@ def read_producer(y: torch.fx.Node, ctx: PassContext) -> tuple | str:
     that computed y, read back from whichever form its lowering emitted; or why y is not one."""
     node, key = (y.args[0], y.args[1]) if y.target == operator.getitem else (y, None)
     tag = inserted_by(node)
+    if y.target == CONVERT and inserted_by(y.args[0]) and not tag:
+        return (f"the quantised tensor is a cast to {y.args[1]} of difffuse's {inserted_by(y.args[0])[0]} output, "
+                f"not the op's output itself")
     if not tag:
         what = getattr(y.target, "__name__", str(y.target)) if y.op == "call_function" else y.op
         return f"the quantised tensor is not the output of a difffuse norm or modulation op (it is {what})"
@@ -349,7 +352,7 @@ class _FP8Pass:
                 ctx.rejected.setdefault(q8, chain)
                 continue
             groups.setdefault((chain.y, chain.granularity), []).append(chain)
-        done = 0
+        done = quantisations = 0
         for (y, gran), chains in groups.items():
             if getattr(y, "_erased", False):  # y's op was rewritten for its other granularity's readers
                 site = "the tensor is also quantised with the other granularity, whose readers were fused"
@@ -373,6 +376,10 @@ class _FP8Pass:
             fam.rewrite(graph, chains, site, gm, inputs, has_r, variant)  # a failure here: the pass restores
             ctx.record.add_match(fam.name, variant, modules)
             done += 1
+            quantisations += len(chains)
+        if quantisations > done:  # the table counts fused calls; say how many quantisations they are
+            ctx.record.notes.append(f"fp8_quant: {quantisations} quantisations fused into {done} calls "
+                                    f"(the readers of one tensor share its fp8 data and scale)")
         return done
 
 
