@@ -26,8 +26,11 @@ TABLE: tuple[FamilyEntry, ...] = (
     FamilyEntry("rms_norm", "difffuse.patterns.rms_norm_tp", "RMSNorm (and its tensor-parallel form)"),
     FamilyEntry("scale_shift", "difffuse.patterns.scale_shift", "AdaLN `x*(k+scale)+shift`, gated residual"),
     # after the three families whose output it quantises (it rewrites their ops into fp8 twins)
+    # off by default until its CUDA kernels have run on a GPU (issue 29): a Triton kernel that
+    # fails in Inductor's code generation would break the user's compile, past the pass's guard
     FamilyEntry("fp8_quant", "difffuse.patterns.fp8_quant",
-                "torchao float8 per-row activation quantisation fused into the norm/modulation before it"),
+                "torchao float8 per-row activation quantisation fused into the norm/modulation before it",
+                default=False),
     FamilyEntry("linear_gelu", "difffuse.patterns.linear_gelu", "Linear + tanh-GELU (cuBLASLt epilogue)"),
     # one node per site (an SDPA aten op), so its place in the order changes nothing
     FamilyEntry("attention", "difffuse.patterns.attention", "exact SDPA calls -> the device's attention kernel"),

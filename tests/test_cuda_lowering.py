@@ -393,3 +393,21 @@ def test_qk_kernel_jit_choice_falls_back_exactly(monkeypatch, poisoned):
         out = cuda.IMPLS["qk_norm_rope"](*args)
         assert_close(out, ops.qk_norm_rope_ref(*args), torch.bfloat16)
         assert len(jit_calls) == n + jit
+
+
+@pytest.mark.parametrize("case", ["wan-across-interleaved", "per-head-neox-strided", "layernorm-heads-first"])
+def test_qk_eps_as_a_tensor(case, poisoned):
+    """eps as a 0-d fp64 CPU tensor (a Python float Dynamo lifted under dynamic=True): read at
+    run time, equal to the constant-eps result with the same value and different from
+    another value (eps large enough to matter)."""
+    args = list(CASES["qk_norm_rope"][case](torch.float32))
+    args[0] = args[0] * 1e-2  # mean(x^2) ~ 1e-4: eps 1e-3 against 0.5 changes every row
+    args[4] = 1e-3
+    const = cuda.IMPLS["qk_norm_rope"](*args)
+    args[4] = 123.0  # ignored: eps_t wins
+    lifted = cuda.IMPLS["qk_norm_rope"](*args, eps_t=torch.tensor(1e-3, dtype=torch.float64))
+    other = cuda.IMPLS["qk_norm_rope"](*args, eps_t=torch.tensor(0.5, dtype=torch.float64))
+    ref = ops.qk_norm_rope_ref(*args, eps_t=torch.tensor(1e-3, dtype=torch.float64))
+    assert_close(lifted, const)
+    assert_close(lifted, ref)
+    assert (other - lifted).abs().max() > 1e-2

@@ -10,7 +10,21 @@ import pytest
 import torch
 
 import difffuse
-from conftest import DEVICE, compile_and_run  # noqa: F401  (the subprocess test uses it)
+from conftest import DEVICE  # noqa: F401
+from conftest import compile_and_run as _compile_and_run
+from difffuse.families import DEFAULTS
+
+FP8_ON = [*DEFAULTS, "fp8_quant"]  # the family is opt-in until its CUDA kernels have run on a GPU
+
+
+def compile_and_run(module, *args, options=None, **kwargs):
+    """conftest's, with fp8_quant among the patterns unless the test names them."""
+    return _compile_and_run(module, *args, options={"patterns": FP8_ON, **(options or {})}, **kwargs)
+
+
+@pytest.fixture
+def run_compiled():
+    return compile_and_run
 from difffuse.lowering import cuda, ops
 
 BF16, F32, E4M3 = torch.bfloat16, torch.float32, torch.float8_e4m3fn

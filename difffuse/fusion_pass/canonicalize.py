@@ -14,6 +14,9 @@ families so their tables need one variant, not two.
   the norm reads t itself and the residual + norm pattern sees one graph. Only clones of
   computed values (not graph inputs, which a graph may mutate at its end) whose every
   user is that LayerNorm are dropped.
+- `convert(clone(t), dt)` -> `clone(convert(t, dt))` where the clone has no other reader: a
+  layout copy (a reshape of a strided norm output) between a norm and its output cast; a
+  copy and a cast commute, and the clone keeps its memory format.
 - `add(mm(x, w.t()), b)` (either order) -> `addmm(b, x, w.t())`: Inductor's post-grad
   pass on CUDA splits a Linear's addmm into mm + bias add so the add fuses into the
   next pointwise kernel (the Linear + tanh-GELU site then has no addmm); this puts the
@@ -386,7 +389,32 @@ def order_operands(graph: torch.fx.Graph) -> int:
     return done
 
 
+def casts_before_clones(graph: torch.fx.Graph) -> int:
+    """Rewrite `convert(clone(t), dt)` (the clone read only by the cast) as
+    `clone(convert(t, dt))`: a layout copy a reshape put between a norm and its output cast
+    (a bf16 RMSNorm of a transposed q/k, then unflattened) no longer hides the norm's cast.
+    A copy and a cast commute (same values); the clone keeps its memory format, so the
+    result has the same layout."""
+    done = 0
+    for n in list(graph.find_nodes(op="call_function", target=CONVERT)):
+        c = n.args[0]
+        if not (isinstance(c, torch.fx.Node) and c.target == aten.clone.default and len(c.users) == 1
+                and isinstance(c.args[0], torch.fx.Node) and _tensor(c.args[0]) is not None
+                and _tensor(n) is not None and not n.kwargs):
+            continue
+        t = c.args[0]
+        with graph.inserting_before(n):
+            cast = _new(graph, CONVERT, (t, n.args[1]), _tensor(t).to(n.args[1]), n)
+            copy = _new(graph, aten.clone.default, (cast,), _tensor(n), c, kwargs=dict(c.kwargs))
+        n.replace_all_uses_with(copy)
+        graph.erase_node(n)
+        graph.erase_node(c)
+        done += 1
+    return done
+
+
 def canonicalize(graph: torch.fx.Graph) -> None:
+    casts_before_clones(graph)
     fuse_bias_add(graph)
     hoist_unsqueeze(graph)
     keepdim_reductions(graph)

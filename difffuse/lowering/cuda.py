@@ -66,10 +66,11 @@ QK_KERNEL = "triton"
 
 
 def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
-                 out_dtype: torch.dtype, bias=None, is_rms: bool = True, full_tables: bool = False):
+                 out_dtype: torch.dtype, bias=None, is_rms: bool = True, full_tables: bool = False, eps_t=None):
     """difffuse::qk_norm_rope through the kernel QK_KERNEL names; the JIT kernel only where
-    `cuda_jit.supports` takes the call (judged on the same typed record), else Triton."""
-    if QK_KERNEL == "jit" and not INTERPRET:
+    `cuda_jit.supports` takes the call (judged on the same typed record), else Triton (which
+    also takes eps as a 0-d tensor, `eps_t`)."""
+    if QK_KERNEL == "jit" and not INTERPRET and eps_t is None:
         from . import cuda_jit
 
         site = QKNormRopeSite(*(TensorSpec.of(t) for t in (x, weight, cos, sin)), eps, num_heads, across_heads,
@@ -77,7 +78,7 @@ def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: 
         if cuda_jit.available() is None and cuda_jit.supports(site) is None:
             return cuda_jit.jit_op(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype)
     return tk.qk_norm_rope(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype, bias, is_rms,
-                           full_tables)
+                           full_tables, eps_t)
 
 
 def rope(x, cos, sin, interleaved: bool, out_dtype: torch.dtype, full_tables: bool = True) -> Tensor:
@@ -250,6 +251,7 @@ def supports(site) -> Optional[str]:
     else why it is left to Inductor."""
     rule = _RULES.get(type(site))
     return rule(site) if rule else f"no CUDA kernel for {site.FAMILY}"
+
 
 # ------------------------------------------------------------------ fp8_quant (issue 29)
 # A norm / modulation whose output torchao quantises to float8 per row: the plain kernel's

@@ -223,6 +223,8 @@ def supports(site: QKNormRopeSite) -> Optional[str]:
         return "LayerNorm or a bias on q/k: the JIT kernel is RMSNorm [* w] only"
     if site.full_tables:
         return "full rope tables (the stack form): the JIT kernel reads cos[2i] and sin[2i+1] of a pair only"
+    if site.eps_tensor:
+        return "eps is a 0-d tensor input (a lifted Python float): the JIT kernel takes a constant"
     if any(t.dtype not in CTYPE for t in specs(site)):
         return f"dtypes {sorted({str(t.dtype) for t in specs(site)})}: the JIT kernel takes fp16/bf16/fp32"
     if any(t.device != "cuda" for t in specs(site)):

@@ -242,13 +242,13 @@ def _table4(t: Tensor) -> Tensor:
 
 def qk_norm_rope(x, weight, cos, sin, eps: float, num_heads: int, across_heads: bool, interleaved: bool,
                  out_dtype: torch.dtype, bias: Optional[Tensor] = None, is_rms: bool = True,
-                 full_tables: bool = False) -> Tensor:
+                 full_tables: bool = False, eps_t: Optional[Tensor] = None) -> Tensor:
     """difffuse::qk_norm_rope = the rms_norm kernels, then npu_rotary_mul on [B, S, N, D].
     interleave with half tables: r1[2i] = r1[2i+1] = cos[2i], r2[2i] = r2[2i+1] = sin[2i+1]
     (the reference's pair rotation); interleave with full tables (the stack form) and half
     mode (neox): r1 = cos, r2 = sin. RMSNorm only (``supports`` declines LayerNorm)."""
-    if not is_rms or bias is not None:
-        raise ValueError("difffuse npu qk_norm_rope: RMSNorm q/k only (supports() declines LayerNorm)")
+    if not is_rms or bias is not None or eps_t is not None:
+        raise ValueError("difffuse npu qk_norm_rope: RMSNorm q/k with a constant eps only (supports() declines others)")
     n = _rms_fp32(x, weight, eps)
     if across_heads:
         n = n.unflatten(-1, (num_heads, -1))
@@ -413,6 +413,9 @@ def _rope(site: RopeSite) -> Optional[str]:
 def _qk_norm_rope(site: QKNormRopeSite) -> Optional[str]:
     if not site.is_rms or site.bias is not None:
         return "LayerNorm q/k: the NPU lowering has RMSNorm kernels only"
+    if site.eps_tensor:
+        return ("eps is a 0-d tensor input (a Python float Dynamo lifted under dynamic shapes): "
+                "npu_rms_norm takes eps as a constant")
     if site.cos.is_complex() or site.sin.is_complex():
         return "complex cos/sin table"
     reason = _float_ok(site) or _weight_reason(site.x, site.weight)

@@ -180,12 +180,15 @@ def qk_norm_rope_ref(
     bias: Optional[Tensor] = None,
     is_rms: bool = True,
     full_tables: bool = False,
+    eps_t: Optional[Tensor] = None,
 ) -> Tensor:
     """y = rope(norm(x) [* weight] [+ bias]), norm RMSNorm (is_rms) or LayerNorm. Across
     heads: x is [..., H*D], normalised over H*D, then viewed [..., H, D]; per head: x is
     [..., H, D], normalised over D. Returns [..., H, D] in out_dtype; cos/sin broadcast
-    against [..., H, D]."""
-    n = norm_ref(x, weight, bias, eps, is_rms)
+    against [..., H, D]. `eps_t`: eps as a 0-d tensor, used instead of `eps` (a Python float
+    Dynamo lifted to a graph input under dynamic shapes: its value is read at run time,
+    added as the model adds it, in the reduction's dtype)."""
+    n = norm_ref(x, weight, bias, eps if eps_t is None else eps_t, is_rms)
     if across_heads:
         n = n.unflatten(-1, (num_heads, -1))
     return rope_ref(n, cos, sin, interleaved, full_tables).to(out_dtype)
@@ -205,14 +208,15 @@ def qk_norm_rope(
     bias: Optional[Tensor] = None,
     is_rms: bool = True,
     full_tables: bool = False,
+    eps_t: Optional[Tensor] = None,
 ) -> Tensor:
     return qk_norm_rope_ref(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype,
-                            bias, is_rms, full_tables).contiguous()
+                            bias, is_rms, full_tables, eps_t).contiguous()
 
 
 @qk_norm_rope.register_fake
 def _(x, weight, cos, sin, eps, num_heads, across_heads, interleaved, out_dtype, bias=None, is_rms=True,
-      full_tables=False):
+      full_tables=False, eps_t=None):
     if across_heads:
         shape = (*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
     else:
@@ -346,6 +350,7 @@ REFERENCE.update({
     "variance": torch.ops.difffuse.variance.default,
     "rsqrt_mul": torch.ops.difffuse.rsqrt_mul.default,
 })
+
 
 # ======================================================================================
 # float8 activation quantisation fused into the op before it (issue 29, docs/fp8.md §5):

@@ -154,6 +154,7 @@ class QKNormRopeSite:
     bias: Optional[TensorSpec] = None
     is_rms: bool = True
     full_tables: bool = False
+    eps_tensor: bool = False  # eps is a 0-d tensor operand (a lifted Python float), `eps` unused
 
     @property
     def out_shape(self) -> tuple:
@@ -207,6 +208,7 @@ class AttentionSite:
 SITE_TYPES = {cls.FAMILY: cls for cls in (RMSNormSite, VarianceSite, RsqrtMulSite, ScaleShiftSite,
                                           NormScaleShiftSite, QKNormRopeSite, RopeSite, LinearGeluSite,
                                           AttentionSite)}
+
 
 @dataclasses.dataclass(frozen=True)
 class FP8QuantSite:

@@ -338,7 +338,7 @@ def _qk_chunk(xa, xb, r, eps, hh, m, W, B, swd, sbd, ca, cb, sa, sb, crow, srow,
 @triton.jit
 def qk_norm_rope_kernel(
         X, W, B, COS, SIN, Y, N1, N2, H,
-        sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, swd, sbd, eps,
+        sx0, sx1, sx2, sxh, sxd, sc0, sc1, sc2, sch, scd, ss0, ss1, ss2, ssh, ssd, swd, sbd, eps, EPS_T,
         ACROSS: tl.constexpr, INTERLEAVED: tl.constexpr, FULL: tl.constexpr, HAS_W: tl.constexpr,
         HAS_B: tl.constexpr, IS_RMS: tl.constexpr, LEAD: tl.constexpr, HD: tl.constexpr, HC: tl.constexpr,
         BHALF: tl.constexpr, FLAT: tl.constexpr, SHARED_TABLE: tl.constexpr, ONE_CHUNK: tl.constexpr,
@@ -353,8 +353,11 @@ def qk_norm_rope_kernel(
     SHARED_TABLE: cos/sin are the same for every head, read once per token.
     TOKENS > 1 (one head per row, H == 1): the program takes TOKENS consecutive rows of the
     innermost leading dim as its heads (the launcher passes that dim's strides as the head
-    strides), so a narrow head is not one tiny row per program."""
+    strides), so a narrow head is not one tiny row per program.
+    EPS_T (not None): eps read from this fp32 scalar in memory instead of the `eps` argument."""
     eps = tl.cast(eps, tl.float32)
+    if EPS_T is not None:
+        eps = tl.load(EPS_T).to(tl.float32)
     if TOKENS > 1:
         groups = tl.cdiv(N2, TOKENS)
         g = tl.program_id(0).to(tl.int64)
@@ -433,7 +436,9 @@ def tokens_per_program(num_heads: int, across_heads: bool, head_dim: int) -> int
 @triton_op("difffuse::triton_qk_norm_rope", mutates_args=())
 def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, eps: float, num_heads: int,
                  across_heads: bool, interleaved: bool, out_dtype: torch.dtype, bias: Optional[Tensor] = None,
-                 is_rms: bool = True, full_tables: bool = False) -> Tensor:
+                 is_rms: bool = True, full_tables: bool = False, eps_t: Optional[Tensor] = None) -> Tensor:
+    """eps_t: eps as a 0-d tensor (a Python float Dynamo lifted; on the CPU): copied to the
+    device as fp32, the dtype the model's `mean + eps` adds it in, and read by the kernel."""
     shape = (*x.shape[:-1], num_heads, x.shape[-1] // num_heads if num_heads else 0) if across_heads \
         else tuple(x.shape)
     y = torch.empty(shape, dtype=out_dtype, device=x.device)
@@ -450,13 +455,16 @@ def qk_norm_rope(x: Tensor, weight: Optional[Tensor], cos: Tensor, sin: Tensor, 
         sx[3], sc[3], ss[3] = sx[2], sc[2], ss[2]
         grid = grid // sizes[1] * ((sizes[1] + tokens - 1) // tokens)
     launch(qk_norm_rope_kernel, (grid,), xv, weight, bias, cos, sin, y, *sizes, num_heads, *sx, *sc, *ss,
-           vstride(weight), vstride(bias), eps, ACROSS=across_heads, INTERLEAVED=interleaved,
+           vstride(weight), vstride(bias), eps,
+           None if eps_t is None else eps_t.to(device=x.device, dtype=torch.float32).reshape(1),
+           ACROSS=across_heads, INTERLEAVED=interleaved,
            FULL=full_tables or not interleaved, HAS_W=weight is not None, HAS_B=bias is not None,
            IS_RMS=is_rms, LEAD=lead, HD=hd, HC=hc,
            BHALF=bhalf, FLAT=hd == 2 * bhalf, SHARED_TABLE=shared, ONE_CHUNK=hc >= num_heads, TOKENS=tokens,
            num_warps=QK_HEADS[num_heads][1] if num_heads in QK_HEADS and tokens == 1
            else warps(hc * bhalf * 2, "qk_norm_rope"))
     return y
+
 
 # ------------------------------------------------------------------ float8 row quantisation
 # The fp8 twins of the rms_norm, scale_shift and norm_scale_shift kernels (issue 29,

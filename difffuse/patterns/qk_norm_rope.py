@@ -43,7 +43,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import layer_norm
 from .common import VIEW_OPS, Family, Variant, aten, inserted_by, match_reason, val
-from .rms_norm import RMSNormPattern
+from .rms_norm import RMSNormPattern, check_rms_core
 from .rope import Found, find_ropes
 from .rope_site import RopeMatch, RopePass
 from .rope_site import anchors as rope_anchors
@@ -51,6 +51,9 @@ from .rope_site import anchors as rope_anchors
 INF_END = 2 ** 63 - 1
 
 _RMS = RMSNormPattern()
+# between the norm and the rope: views, and the layout copy a reshape of a strided norm output
+# makes (clone, then view); both keep every value, and the op writes its own layout
+_BETWEEN = (*VIEW_OPS, aten.clone.default)
 
 
 # --------------------------------------------------------------------- shape helpers
@@ -113,8 +116,18 @@ def _norm_at(node) -> tuple | None:
     for variant in _RMS.variants():
         m = variant.pattern.match(node)
         if m:
-            return match_reason(m) or _RMS.check(m, variant), list(m.nodes)
+            return match_reason(m) or _rms_site(m, variant), list(m.nodes)
     return layer_norm.match_at(node)
+
+
+def _rms_site(m, variant) -> dict | str:
+    """rms_norm's checks, except that eps may be a 0-d tensor input (a Python float Dynamo
+    lifted under dynamic shapes, its value not guarded): the op then reads it at run time
+    (`eps_t`) instead of a constant."""
+    site = check_rms_core(m, m.kwargs["x"])
+    if isinstance(site, str) or "eps_node" not in site:
+        return site if isinstance(site, str) else _RMS.check_rest(m, variant, site)
+    return _RMS.check_rest(m, variant, {**site, "eps": 0.0, "eps_tensor": True})
 
 
 class QKNormRopePattern(Family):
@@ -148,7 +161,7 @@ class QKNormRopePattern(Family):
     @staticmethod
     def _is_norm(n) -> bool:
         """n is (through views) a norm's output, or a norm another family fused since."""
-        while isinstance(n, torch.fx.Node) and n.target in VIEW_OPS:
+        while isinstance(n, torch.fx.Node) and n.target in _BETWEEN:
             n = n.args[0]
         if inserted_by(n)[:1] in (("rms_norm",), ("norm_scale_shift",)):
             return True
@@ -326,7 +339,7 @@ class QKNormRopePattern(Family):
         if any(u not in match.nodes and u not in consumers for u in r.users):
             return "the rope input is also used outside the rope"
         chain, n = [], r
-        while n.target in VIEW_OPS:
+        while n.target in _BETWEEN:
             chain.append(n)
             n = n.args[0]
             if len(n.users) != 1:
@@ -344,6 +357,7 @@ class QKNormRopePattern(Family):
             x = x.args[0]
         xv, d = val(x), rv.shape[-1]
         out = {"x": x, "weight": site["weight"], "bias": site.get("bias"), "eps": site["eps"],
+               "eps_node": site.get("eps_node"), "eps_tensor": site.get("eps_tensor", False),
                "is_rms": site.get("is_rms", True), "head_dim": d, "norm_nodes": dead}
         if _same(xv.shape, rv.shape) and rv.ndim == 3:
             # [B, L, D] with no head dim (LTX ropes the whole width): one head of width D;
@@ -361,7 +375,7 @@ class QKNormRopePattern(Family):
         calls = site.get("calls", [site])
         spec = site["spec"]
         table_args = site["table_nodes"]
-        params = [c[k] for c in calls for k in ("weight", "bias")]  # each call's weight and bias, if any
+        params = [c[k] for c in calls for k in ("weight", "bias", "eps_node")]  # each call's, if any
         has_p = [p is not None for p in params]
         partial, join_dim, table_dim = site.get("partial"), site.get("join_dim"), site.get("table_dim")
 
@@ -381,11 +395,12 @@ class QKNormRopePattern(Family):
                 c, s = cos, sin
                 if table_dim is not None:  # each stream's rows of the tables
                     c, s = (t.narrow(table_dim, call["start"], call["length"]) for t in (cos, sin))
-                w, b = (next(ps) if has_p[2 * i + j] else None for j in (0, 1))
+                w, b, eps_t = (next(ps) if has_p[3 * i + j] else None for j in (0, 1, 2))
                 if call.get("one_head"):
                     x, c, s = x.unsqueeze(-2), c.unsqueeze(-2), s.unsqueeze(-2)
+                extra = {} if eps_t is None else {"eps_t": eps_t}
                 o = op(x, w, c, s, call["eps"], call["num_heads"], call["across_heads"], call["interleaved"],
-                       call["out_dtype"], b, call["is_rms"], call["full_tables"])
+                       call["out_dtype"], b, call["is_rms"], call["full_tables"], **extra)
                 outs.append(o.squeeze(-2) if call.get("one_head") else o)
             if join_dim is not None:
                 return torch.cat(outs, join_dim)

@@ -117,7 +117,7 @@ def _candidate(n) -> bool:
             and v.ndim >= 2):
         return False
     d = v.shape[-1]
-    return isinstance(d, int) and d >= 4 and d % 2 == 0
+    return isinstance(d, int) and d >= 2 and d % 2 == 0  # head_dim 2: one pair
 
 
 _PASS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, CONVERT, aten.clone.default,

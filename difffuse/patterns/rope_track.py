@@ -214,7 +214,10 @@ class Tracker:
         # indexes channel dims
         for cut in range(len(chain), -1, -1):
             base = _input(chain[cut - 1]) if cut else node
-            got = self._replay(base, list(reversed(chain[:cut])), node, nchan, cplx)
+            try:
+                got = self._replay(base, list(reversed(chain[:cut])), node, nchan, cplx)
+            except (RuntimeError, TypeError, IndexError, ValueError):  # this cut's replay does not apply
+                got = None
             if got is not None:
                 return got
         raise Untrackable(f"table {node.name} cannot be read")
@@ -292,7 +295,7 @@ class Tracker:
                 sh = _ints(v.shape[npos:])
                 if sh is None:
                     raise Untrackable("expand")
-                arr = arr.expand(*sh, *((2,) if is_c else ()))
+                arr = arr.expand(tuple(sh) + ((2,) if is_c else ()))
             elif t == aten.permute.default:
                 perm = list(n.args[1])
                 if perm[:npos] != list(range(npos)):
