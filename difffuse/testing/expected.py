@@ -239,7 +239,10 @@ def wild(name: str, n: int) -> dict:
     + rope; norm2 (affine LN on the residual) -> cross-attention with q/k RMSNorm; norm3 ->
     modulation -> tanh-GELU MLP; a modulated final norm): the same, without the text
     embedding's GELU (linear_gelu n). Lumina2's scale-only modulation and FLUX.2's `(1 +
-    scale) * norm(x) + shift` are modulations like any other. SD3.5's twice-modulated norm1
+    scale) * norm(x) + shift` are modulations like any other. Kandinsky 5's fp32 q/k norms
+    cast back to bf16 and roped in fp32 fuse with their rope: the op rounds once, at the end
+    (the fp32-math rule every fused op is held to; diffusers' Wan rounds its bf16 norm output
+    before the rope too). SD3.5's twice-modulated norm1
     (no norm2): each modulation of the one LayerNorm output is a norm_scale_shift (the norm
     computed again for the second: 2), norm3 and the final norm 1 each: 3n + 1. Allegro: no
     q/k norms, so no rms_norm; each q and k rope (three 1-D ropes on thirds of head_dim)
@@ -268,9 +271,6 @@ def wild(name: str, n: int) -> dict:
     """
     if name in WAN_CODE_BASES:
         return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n + 1,
-                "attention": 2 * n}
-    if name == "kandinsky5-bf16":  # q/k norms rounded to bf16 before the rope: norm and rope fuse apart
-        return {"rope": 2 * n, "rms_norm": 4 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
                 "attention": 2 * n}
     if name in PLAIN_BLOCKS:
         return {"qk_norm_rope": 2 * n, "rms_norm": 2 * n, "norm_scale_shift": 3 * n + 1, "linear_gelu": n,
