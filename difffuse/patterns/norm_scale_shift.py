@@ -166,8 +166,10 @@ class NormScaleShiftPattern(Family):
         return next((n for n in match.nodes if n.target == aten.var_mean.correction), None)
 
     def anchors(self, graph):
-        """LayerNorms (var_mean) that read a residual sum or feed a modulation."""
-        found = []
+        """LayerNorms (var_mean) that read a residual sum or feed a modulation, and the RMSNorm
+        + modulation sites this family turned away whose norm and modulation other families
+        may fuse apart (`_split_apart`: reported even where nothing of them is left)."""
+        found = list(getattr(graph, _SPLIT, ()))
         for vm in graph.find_nodes(op="call_function", target=aten.var_mean.correction):
             if inserted(vm):
                 continue  # a lowering's own LayerNorm
@@ -197,7 +199,10 @@ class NormScaleShiftPattern(Family):
         if not (isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (ndim - 1, -1)):
             return f"normalises over dims {dims} of a {ndim}-d tensor, not the last dim"
         if is_scalar_tensor(kw["eps"]):
-            return f"{EPS_TENSOR} (RMSNorm: the rms_norm family may take the norm alone)"
+            reason = f"{EPS_TENSOR} (RMSNorm: the rms_norm family may take the norm alone)"
+            if info["mod"]:
+                _split_apart(match, reason)
+            return reason
         if not is_number(kw["eps"]):
             return "eps is a tensor, not a constant"
         if "exponent" in kw and kw["exponent"] != 2:
@@ -292,6 +297,25 @@ def _is_fused_residual(node) -> bool:
 
 _NORM_STEPS = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsqrt.default, operator.getitem, CONVERT,
                *VIEW_OPS, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default)
+
+
+_SPLIT = "_difffuse_norm_scale_shift_split"
+
+
+def _split_apart(match, reason: str) -> None:
+    """An RMSNorm + modulation this family cannot take (its anchors are LayerNorms only, and
+    rms_norm and scale_shift may fuse the two parts apart, leaving no node to report at): its
+    rsqrt is kept on the graph as an anchor, with the reason in its meta."""
+    rs = next((n for n in match.nodes if n.target == aten.rsqrt.default), None)
+    if rs is None:
+        return
+    rs.meta["difffuse_miss_reason"] = reason
+    kept = getattr(match.graph, _SPLIT, None)
+    if kept is None:
+        kept = []
+        setattr(match.graph, _SPLIT, kept)
+    if rs not in kept:
+        kept.append(rs)
 
 
 def _feeds_modulation(vm: torch.fx.Node) -> bool:

@@ -256,7 +256,8 @@ class QKNormRopePattern(Family):
         size = nv.shape[dim]
 
         def bound(i):
-            i = size if i is None or i == INF_END else i
+            i = val(i) if isinstance(i, torch.fx.Node) else i  # a symbolic bound (dynamic=True): its SymInt
+            i = size if i is None or (isinstance(i, int) and i == INF_END) else i
             return i + size if isinstance(i, int) and i < 0 else i
         a, b = bound(kw["rope_start"]), bound(kw["rope_end"])
         consumers = ()
@@ -286,7 +287,7 @@ class QKNormRopePattern(Family):
         rest = e - c
         ext = {t: val(tables[t]).new_empty([rest if i == tdim else s for i, s in enumerate(val(tables[t]).shape)])
                for t in ("cos", "sin")}  # the identity rows, for the lowering's eligibility check
-        norm.update(tables, **common, partial=dict(dim=tdim, rest=rest, rope_first=partial == "head"))
+        norm.update(tables, **common, partial=dict(dim=tdim, rest=rest, rope_first=partial == "head", x_dim=dim))
         norm["check_tables"] = {t: torch.cat([val(tables[t]), ext[t]] if partial == "head"
                                              else [ext[t], val(tables[t])], tdim) for t in ("cos", "sin")}
         return norm
@@ -384,8 +385,10 @@ class QKNormRopePattern(Family):
             cos, sin = spec.build(args[:len(table_args)])
             ps = iter(args[len(table_args):])
             if partial:  # identity rows (cos 1, sin 0) for the tokens the model does not rope
-                shape = list(cos.shape)
-                shape[partial["dim"]] = partial["rest"]
+                shape, rest = list(cos.shape), partial["rest"]
+                if not isinstance(rest, int):  # symbolic (dynamic=True): from the replacement's own inputs
+                    rest = xs[0].shape[partial["x_dim"]] - cos.shape[partial["dim"]]
+                shape[partial["dim"]] = rest
                 ones, zeros = cos.new_ones(shape), sin.new_zeros(shape)
                 first = partial["rope_first"]
                 cos = torch.cat([cos, ones] if first else [ones, cos], partial["dim"])
