@@ -149,7 +149,7 @@ class _Probe(CustomGraphPass):
         self.seen = []
 
     def __call__(self, graph):
-        from difffuse.fusion_pass.report import module_namer
+        from difffuse.patterns.module_paths import module_namer
 
         namer = module_namer(graph)
         phs = graph.find_nodes(op="placeholder")

@@ -24,7 +24,7 @@ from .config import OptionError, parse_options
 from .device import detect_from_tensors
 from .inductor_hook import chained, framework_pass
 from .pass_manager import DifffusePass, source_hash
-from .report import GraphRecord, add_record, load_record, save_record
+from .report import GraphRecord, add_note, add_record, cpu_note, load_record, save_record
 
 log = logging.getLogger("difffuse")
 _counter = itertools.count()
@@ -177,22 +177,6 @@ def _no_stack(self):
 _NO_STACK = property(_no_stack, lambda self, value: None)
 
 
-def _cpu_note(cfg, example_inputs) -> Optional[str]:
-    """Why `lowering="auto"` rewrote nothing on a device without a difffuse lowering (CPU)."""
-    if cfg.lowering != "auto" or detect_from_tensors(example_inputs) != "inductor":
-        return None
-    kinds = sorted({t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}) or ["cpu"]
-    where = "CPU" if kinds == ["cpu"] else "/".join(kinds)
-    return (f"lowering 'auto' on {where}: difffuse rewrites nothing there (plain Inductor; the fused kernels "
-            "are CUDA/ROCm/NPU lowerings). To see the rewrites, compile with options={'lowering': 'reference'} "
-            "(pure-PyTorch fused ops: a correctness path, slower than Inductor on CPU)")
-
-
-def _add_note(rec: Optional[GraphRecord], note: Optional[str]) -> None:
-    if rec is not None and note and note not in rec.notes:
-        rec.notes.append(note)
-
-
 def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None,
                      mode: Optional[str] = None) -> Any:
     """The `difffuse` torch.compile backend."""
@@ -216,11 +200,11 @@ def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
     key = _entry_key(gm, example_inputs, cfg)
     # A cached compiled graph calls the lowering's ops without running the pass: load it now.
     load_lowering(detect_from_tensors(example_inputs) if cfg.lowering == "auto" else cfg.lowering)
-    note = _cpu_note(cfg, example_inputs)
+    note = cpu_note(cfg, example_inputs)
     fusion = DifffusePass(cfg, name, key)
     if not cfg.inductor:
         compiled = _run_eager(gm, example_inputs, fusion)
-        _add_note(fusion.record, note)
+        add_note(fusion.record, note)
         return compiled
     patches["post_grad_custom_post_pass"] = chained(fusion, patches["post_grad_custom_post_pass"])
     inner = _InnerCompile(fusion, cfg, name)
@@ -228,9 +212,9 @@ def difffuse_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional
     if inner.called:
         if inner.record is not None:  # so that an AOTAutograd cache hit on this Dynamo graph finds it
             save_record(key, inner.record)
-            _add_note(inner.record, note)  # after saving: the note is about this process's device
+            add_note(inner.record, note)  # after saving: the note is about this process's device
     else:  # AOTAutograd's cache answered: only the Dynamo-level key can find the record
-        _add_note(_cached(name, cfg, load_record(key)), note)
+        add_note(_cached(name, cfg, load_record(key)), note)
     return compiled
 
 

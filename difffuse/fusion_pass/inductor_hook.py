@@ -180,13 +180,13 @@ def _run_difffuse(cfg, graph, is_inference: bool) -> None:
             "training graph (needs autograd): left to plain Inductor; difffuse rewrites inference graphs"]))
         return
     try:
-        from .backend import _add_note, _cpu_note
+        from .report import add_note, cpu_note
         from .pass_manager import DifffusePass
 
         fusion = DifffusePass(cfg, name)
         fusion(graph)  # restores the graph itself if a family fails
         values = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
-        _add_note(fusion.record, _cpu_note(cfg, values))
+        add_note(fusion.record, cpu_note(cfg, values))
     except Exception as exc:  # noqa: BLE001  never break a user's compile
         msg = f"the Inductor switch skipped a graph: {type(exc).__name__}: {str(exc)[:300]}"
         log.warning("difffuse: %s", msg)

@@ -21,7 +21,7 @@ from torch._inductor.pattern_matcher import (
 )
 from torch._inductor.pattern_matcher import _TargetArgsExpr
 
-from ..fusion_pass import report as _report
+from . import module_paths as _paths
 from ..lowering.sites import SITE_TYPES, TensorSpec, specs
 
 log = logging.getLogger("difffuse")
@@ -125,8 +125,8 @@ def module_path(node: torch.fx.Node) -> str:
     module ("transformer_blocks.0.attn.norm_q"; "" for the compiled module itself or where
     Dynamo recorded none). Also right in a frame Dynamo compiled on its own or resumed after
     a graph break, whose names are relative to that frame, and for any ModuleDict key
-    ('2-1'): see `fusion_pass.report.ModuleNamer`."""
-    namer = _report.module_namer(node.graph)
+    ('2-1'): see `patterns.module_paths.ModuleNamer`."""
+    namer = _paths.module_namer(node.graph)
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:  # code in the traced frame's own method (a placeholder or output is in none)
         return namer.own or "" if node.op.startswith("call") else ""
@@ -151,7 +151,7 @@ def from_graph_input(node) -> bool:
         node = node.args[0]
     if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
         return False
-    namer = _report.module_namer(node.graph)
+    namer = _paths.module_namer(node.graph)
     desc = node.meta.get("desc")
     index = getattr(desc, "idx", None)
     if not isinstance(index, int):  # no AOT input descriptor: its position among the placeholders
@@ -159,7 +159,7 @@ def from_graph_input(node) -> bool:
     source = namer.input_source(index)
     if not source or not namer.resumed:
         return False
-    base, steps = _report.source_steps(source)
+    base, steps = _paths.source_steps(source)
     return source.startswith("L[") and base is not None and not steps
 
 

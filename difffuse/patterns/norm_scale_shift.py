@@ -54,7 +54,7 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg, MultiOutputPattern
 
-from ..fusion_pass.canonicalize import (CompletedPass, Completions, is_identity, is_k_plus, is_scalar_tensor,
+from .canonical_forms import (CompletedPass, Completions, is_identity, is_k_plus, is_scalar_tensor,
                                         norm_output)
 from .common import (CONVERT, VIEW_OPS, Family, Variant, aten, cast, inserted, inserted_by, is_last_dim_vector,
                      is_number, is_upcast, val)

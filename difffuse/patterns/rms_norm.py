@@ -29,7 +29,7 @@ import itertools
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from ..fusion_pass.canonicalize import is_scalar_tensor, squared_input
+from .canonical_forms import is_scalar_tensor, squared_input
 from .common import (CONVERT, FLOAT_TYPES, Family, Variant, aten, cast, is_last_dim_vector, is_number, is_upcast,
                      val)
 from .scale_shift import strip_upcast

@@ -38,7 +38,7 @@ import itertools
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from ..fusion_pass.canonicalize import CompletedPass, Completions
+from .canonical_forms import CompletedPass, Completions
 from .common import Variant, aten, typed_site, val
 from .rms_norm import ADD_EPS, EPS_TENSOR, TAILS, RMSNormPattern, check_rms_core, why_not, with_tail
 

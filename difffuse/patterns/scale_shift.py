@@ -9,7 +9,7 @@ One operand order: canonicalize.py puts the product second in the add and the `b
 factor second in the product, so `x*(1+s) + shift`, `shift + (1+s)*x`, `res + gate*x` and
 ComfyUI's `addcmul(shift, x, 1 + s)` / `addcmul(res, y, gate)` are these two forms. A
 scale-only modulation `x * (1 + scale)` (no shift) is completed for this family's matching
-with a -0.0 shift (canonicalize.Completions: exact) and fused with c = None; only where the
+with a -0.0 shift (canonical_forms.Completions: exact) and fused with c = None; only where the
 scale is a modulation (a chunk of a table, or one value per sample), so a GELU's
 `0.5*h * (1 + tanh(.))` or a layer scale is left alone, and only where the product starts
 and ends its arithmetic (`c - x*(1 + s)` and `(c + x)*(1 + s)` stay one Inductor kernel).
@@ -44,7 +44,7 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunction, KeywordArg
 
-from ..fusion_pass.canonicalize import (IDENTITY_CAST, CompletedPass, Completions, ends_arithmetic, is_identity,
+from .canonical_forms import (IDENTITY_CAST, CompletedPass, Completions, ends_arithmetic, is_identity,
                                         is_k_plus, is_scalar_tensor)
 from .common import CONVERT, VIEW_OPS, Family, Variant, aten, cast, inserted, is_number, val
 
@@ -63,7 +63,7 @@ _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, at
 
 def strip_upcast(node):
     """The tensor an exact upcast to fp32 reads (the ops compute in fp32 anyway), else node.
-    An identity cast a completion put in stays (canonicalize.Completions.casts): it is the
+    An identity cast a completion put in stays (canonical_forms.Completions.casts): it is the
     one reader of a norm output another site may still match, and is taken out afterwards."""
     if isinstance(node, torch.fx.Node) and node.meta.get(IDENTITY_CAST):
         return node
