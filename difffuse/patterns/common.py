@@ -301,6 +301,16 @@ def typed_site(family: str, site: dict):
     return cls(**args)
 
 
+def left_by(graph, family: str) -> list:
+    """Anchors `family` left unfused when its pass ran, kept on the graph (a later family may
+    rewrite part of such a site, so nothing of it may be left to find at report time): the
+    ropes a rope family turned away, the RMSNorm + modulation sites norm_scale_shift did."""
+    key = f"_difffuse_left_{family}"
+    if not hasattr(graph, key):
+        setattr(graph, key, [])
+    return getattr(graph, key)
+
+
 def zero_size_reason(records) -> Optional[str]:
     for rec in records:
         for t in specs(rec):

@@ -57,7 +57,7 @@ from torch._inductor.pattern_matcher import CallFunction, KeywordArg, MultiOutpu
 from .canonical_forms import (CompletedPass, Completions, is_identity, is_k_plus, is_scalar_tensor,
                                         norm_output)
 from .common import (CONVERT, VIEW_OPS, Family, Variant, aten, cast, inserted, inserted_by, is_last_dim_vector,
-                     is_number, is_upcast, val)
+                     is_number, is_upcast, left_by, val)
 from .rms_norm import ADD_EPS, EPS_TENSOR, rms_core
 from .scale_shift import broadcast_kind, from_modulation_table, strip_upcast
 
@@ -169,7 +169,7 @@ class NormScaleShiftPattern(Family):
         """LayerNorms (var_mean) that read a residual sum or feed a modulation, and the RMSNorm
         + modulation sites this family turned away whose norm and modulation other families
         may fuse apart (`_split_apart`: reported even where nothing of them is left)."""
-        found = list(getattr(graph, _SPLIT, ()))
+        found = list(left_by(graph, self.name))
         for vm in graph.find_nodes(op="call_function", target=aten.var_mean.correction):
             if inserted(vm):
                 continue  # a lowering's own LayerNorm
@@ -299,21 +299,15 @@ _NORM_STEPS = (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.rsqrt.def
                *VIEW_OPS, aten.unsqueeze.default, aten.squeeze.dim, aten.clone.default)
 
 
-_SPLIT = "_difffuse_norm_scale_shift_split"
-
-
 def _split_apart(match, reason: str) -> None:
     """An RMSNorm + modulation this family cannot take (its anchors are LayerNorms only, and
     rms_norm and scale_shift may fuse the two parts apart, leaving no node to report at): its
-    rsqrt is kept on the graph as an anchor, with the reason in its meta."""
+    rsqrt is kept on the graph as an anchor (`left_by`), with the reason in its meta."""
     rs = next((n for n in match.nodes if n.target == aten.rsqrt.default), None)
     if rs is None:
         return
     rs.meta["difffuse_miss_reason"] = reason
-    kept = getattr(match.graph, _SPLIT, None)
-    if kept is None:
-        kept = []
-        setattr(match.graph, _SPLIT, kept)
+    kept = left_by(match.graph, "norm_scale_shift")
     if rs not in kept:
         kept.append(rs)
 

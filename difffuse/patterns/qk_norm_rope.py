@@ -43,7 +43,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import layer_norm
 from .common import VIEW_OPS, Family, Variant, aten, inserted_by, match_reason, val
-from .rms_norm import RMSNormPattern, check_rms_core
+from .rms_norm import RMSNormPattern
 from .rope import Found, find_ropes
 from .rope_site import RopeMatch, RopePass
 from .rope_site import anchors as rope_anchors
@@ -116,18 +116,9 @@ def _norm_at(node) -> tuple | None:
     for variant in _RMS.variants():
         m = variant.pattern.match(node)
         if m:
-            return match_reason(m) or _rms_site(m, variant), list(m.nodes)
+            # a lifted eps (dynamic=True) is passed to the op as `eps_t`, read at run time
+            return match_reason(m) or _RMS.check(m, variant, lifted_eps=True), list(m.nodes)
     return layer_norm.match_at(node)
-
-
-def _rms_site(m, variant) -> dict | str:
-    """rms_norm's checks, except that eps may be a 0-d tensor input (a Python float Dynamo
-    lifted under dynamic shapes, its value not guarded): the op then reads it at run time
-    (`eps_t`) instead of a constant."""
-    site = check_rms_core(m, m.kwargs["x"])
-    if isinstance(site, str) or "eps_node" not in site:
-        return site if isinstance(site, str) else _RMS.check_rest(m, variant, site)
-    return _RMS.check_rest(m, variant, {**site, "eps": 0.0, "eps_tensor": True})
 
 
 class QKNormRopePattern(Family):

@@ -113,13 +113,18 @@ class RMSNormPattern(Family):
                 found.append(n)
         return found
 
-    def check(self, match, variant):
+    def check(self, match, variant, lifted_eps: bool = False):
+        """`lifted_eps`: the caller's op takes a 0-d tensor eps (site["eps_node"], eps_tensor
+        True); otherwise such an eps is a miss here (rms_norm_tp's family takes it where the
+        lowering can)."""
         x = match.kwargs["x"]
         site = check_rms_core(match, x)
         if isinstance(site, str):
             return site
         if "eps_node" in site:
-            return EPS_TENSOR  # rms_norm_tp's family takes it where the lowering can
+            if not lifted_eps:
+                return EPS_TENSOR
+            site = {**site, "eps": 0.0, "eps_tensor": True}
         return self.check_rest(match, variant, site)
 
     def check_rest(self, match, variant, site):

@@ -7,7 +7,7 @@ import logging
 
 from torch._inductor.pattern_matcher import Match, MatchContext
 
-from .common import dependency_reason, inserted, module_paths, zero_size_reason
+from .common import dependency_reason, inserted, left_by, module_paths, zero_size_reason
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .rope import Found, casts_before_views, find_ropes
@@ -40,16 +40,6 @@ def variant_name(f: Found, site: dict) -> str:
     extra = ["token_range"] if site.get("partial") else []
     extra += ["joint"] if site.get("calls") else []
     return "/".join([pairs, tables, *extra])
-
-
-def left_by(graph, family: str) -> list:
-    """The anchors of the ropes `family` left in this graph when its pass ran (kept on the
-    graph: a later family may rewrite part of a rope, e.g. scale_shift its `a + b*c`, and
-    the rope must still be reported)."""
-    key = f"_difffuse_left_{family}"
-    if not hasattr(graph, key):
-        setattr(graph, key, [])
-    return getattr(graph, key)
 
 
 def anchors(family, graph) -> list:
